@@ -1,0 +1,196 @@
+"""The `bev3d` command line. Heavy modules are imported only by the subcommand that needs them,
+so `bev3d --help` stays fast."""
+
+import argparse
+import importlib
+import sys
+
+from bev3d.errors import Bev3dError
+
+EPILOG = """examples:
+  bev3d demo                                         synthetic rig -> train tiny PETR -> metrics -> pictures
+  bev3d synth --out data/synth                       write the synthetic rig in nuScenes format
+  bev3d train --cfg petr_r50_nus.yaml --data-root data/nuscenes
+  bev3d test --cfg petr_tiny_synth --ckpt work_dirs/petr_tiny_synth/latest.pth
+  bev3d eval --results results_nusc.json --data-root data/synth --version v1.0-mini --split mini_val
+"""
+
+
+def _add_synth(sub):
+    p = sub.add_parser(
+        "synth",
+        help="write the synthetic camera rig as a nuScenes-format dataset",
+        epilog="example:\n  bev3d synth --out data/synth --seed 0 --image-size 1600x900",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", required=True, help="output directory (the dataset root)")
+    p.add_argument("--kind", choices=["nuscenes", "shapes2d"], default="nuscenes",
+                   help="nuscenes: 6-camera rig in nuScenes v1.0-mini format; shapes2d: COCO-format 2D shapes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-scenes", type=int, default=None, help="number of mini_train scenes (at most 8)")
+    p.add_argument("--samples-per-scene", type=int, default=None)
+    p.add_argument("--image-size", default="1600x900", help="WIDTHxHEIGHT; intrinsics are scaled to match")
+    p.add_argument("--num-images", type=int, default=None, help="shapes2d only: number of images")
+
+
+def _add_train(sub):
+    p = sub.add_parser(
+        "train",
+        help="train a model from a config",
+        epilog="examples:\n  bev3d train --cfg petr_r50_nus.yaml --data-root data/nuscenes\n"
+        "  bev3d train --cfg petr_tiny_synth --opts train.max_epochs=2 data.batch_size=2\n"
+        "  torchrun --nproc_per_node=8 -m bev3d train --cfg petr_r50_nus",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_cfg_args(p)
+    p.add_argument("--work-dir", help="where checkpoints, logs and the resolved config go")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="resume from CKPT, or from the latest checkpoint in the work dir when no path is given")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def _add_test(sub):
+    p = sub.add_parser(
+        "test",
+        help="run inference on the validation split, write results_nusc.json and evaluate",
+        epilog="example:\n  bev3d test --cfg petr_tiny_synth --ckpt work_dirs/petr_tiny_synth/latest.pth --out out/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_cfg_args(p)
+    p.add_argument("--ckpt", required=True, help="checkpoint file written by bev3d train")
+    p.add_argument("--out", help="output directory for results and metrics")
+    p.add_argument("--plots", action="store_true", help="also render the devkit's PR curves")
+
+
+def _add_eval(sub):
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a nuScenes results file with the devkit's DetectionEval",
+        epilog="example:\n  bev3d eval --results results_nusc.json --data-root data/synth --version v1.0-mini "
+        "--split mini_val --out eval/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--results", required=True, help="results JSON in the nuScenes submission format")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--version", default="v1.0-mini")
+    p.add_argument("--split", default="mini_val")
+    p.add_argument("--out", help="output directory (default: beside the results file)")
+    p.add_argument("--plots", action="store_true", help="also render the devkit's PR curves")
+
+
+def _add_vis(sub):
+    p = sub.add_parser(
+        "vis",
+        help="render 3D scenes (Open3D), camera mosaics and BEV plots",
+        epilog="example:\n  bev3d vis --data-root data/synth --index 0 --results out/results_nusc.json --out vis/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--version", default="v1.0-mini")
+    p.add_argument("--results", help="results JSON to draw predictions from")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--sample", help="sample token")
+    which.add_argument("--index", type=int, help="index of the sample in the dataset")
+    which.add_argument("--scene", help="scene name: renders every sample into a video")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--score-thr", type=float, default=0.3)
+    p.add_argument("--show", action="store_true", help="open an interactive Open3D window instead")
+
+
+def _add_demo(sub):
+    p = sub.add_parser(
+        "demo",
+        help="synthetic rig -> train tiny PETR -> nuScenes metrics -> pictures",
+        epilog="example:\n  bev3d demo --work-dir work_dirs/demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data-root", default=None, help="synthetic dataset cache (written if absent)")
+    p.add_argument("--work-dir", default="work_dirs/demo")
+    p.add_argument("--cfg", default="petr_tiny_synth.yaml")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE")
+
+
+def _add_build_ops(sub):
+    p = sub.add_parser(
+        "build-ops",
+        help="compile the C++/CUDA deformable attention kernels ahead of time",
+        epilog="example:\n  bev3d build-ops --verbose",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--verbose", action="store_true")
+
+
+def _add_cfg_args(p):
+    p.add_argument("--cfg", required=True, help="config path or shipped name (e.g. petr_r50_nus)")
+    p.add_argument("--data-root", help="dataset root (overrides data.root)")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.lr=1e-4 data.image_size=[256,704]")
+
+
+# subcommand -> module whose main(args) runs it
+COMMANDS = {
+    "synth": "bev3d.data.synthetic",
+    "train": "bev3d.engine.train",
+    "test": "bev3d.engine.test",
+    "eval": "bev3d.evaluation.nuscenes_eval",
+    "vis": "bev3d.vis.cli",
+    "demo": "bev3d.engine.demo",
+    "build-ops": "bev3d.ops.build",
+}
+
+# Subcommands whose issue has not landed yet.
+NOT_AVAILABLE = {"train", "test", "eval", "vis", "demo", "build-ops"}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="bev3d",
+        description="Multi-camera 3D object detection (DETR3D, PETR) with the official nuScenes metrics.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_synth, _add_train, _add_test, _add_eval, _add_vis, _add_demo, _add_build_ops):
+        add(sub)
+    return parser
+
+
+def _dry_run(args):
+    from bev3d.config import dump_config, load_config
+
+    overrides = list(args.opts) + ([f"data.root={args.data_root}"] if args.data_root else [])
+    print(dump_config(load_config(args.cfg, overrides)), end="")
+    return 0
+
+
+def main(argv=None):
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed its message
+        return e.code if isinstance(e.code, int) else 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "train" and args.dry_run:
+            return _dry_run(args)
+        if args.command in NOT_AVAILABLE:
+            raise Bev3dError(f"bev3d {args.command} is not available yet in this version.")
+        module = importlib.import_module(COMMANDS[args.command])
+        return module.main(args) or 0
+    except Bev3dError as e:
+        if debug:
+            raise
+        print(f"bev3d {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bev3d {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+// CPU kernels of bev3d::ms_deform_attn (float32, float64) and the op schema.
+//
+// Forward: one task per (b, q); each output row (b, q, m, :) is written by exactly one task.
+// Backward: one task per (b, m); the task owns grad_value[b, :, m, :] (zeroes it, then scatters
+// into it in a fixed order) and grad of every sampling point of head m, so there are no atomics
+// and the result is bitwise reproducible for any thread count.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "ms_deform_attn.h"
+
+namespace bev3d {
+namespace {
+
+// The four bilinear corners of one sampling point, in the order (h0, w0), (h0, w1), (h1, w0), (h1, w1).
+template <typename T>
+struct Corners {
+  int64_t row[4];  // position s in value, or -1 when the corner is outside the map
+  T weight[4];
+  T lh, lw;        // fractional offsets of the point from (h0, w0)
+  bool any;        // false when the point is so far outside that no corner contributes
+};
+
+// Pixel centres sit at (i + 0.5) / W, as in grid_sample(align_corners=False).
+template <typename T>
+inline Corners<T> corners_of(T x, T y, int64_t H, int64_t W, int64_t start) {
+  Corners<T> c;
+  const T h_im = y * static_cast<T>(H) - T(0.5);
+  const T w_im = x * static_cast<T>(W) - T(0.5);
+  // Also rejects NaN, and keeps floor() in int64 range.
+  c.any = h_im > T(-1) && w_im > T(-1) && h_im < static_cast<T>(H) && w_im < static_cast<T>(W);
+  if (!c.any) return c;
+  const int64_t h0 = static_cast<int64_t>(std::floor(h_im));
+  const int64_t w0 = static_cast<int64_t>(std::floor(w_im));
+  c.lh = h_im - static_cast<T>(h0);
+  c.lw = w_im - static_cast<T>(w0);
+  const T hh = T(1) - c.lh, hw = T(1) - c.lw;
+  const bool h0_in = h0 >= 0, h1_in = h0 + 1 < H, w0_in = w0 >= 0, w1_in = w0 + 1 < W;
+  const int64_t base = start + h0 * W + w0;
+  c.row[0] = h0_in && w0_in ? base : -1;
+  c.row[1] = h0_in && w1_in ? base + 1 : -1;
+  c.row[2] = h1_in && w0_in ? base + W : -1;
+  c.row[3] = h1_in && w1_in ? base + W + 1 : -1;
+  c.weight[0] = hh * hw;
+  c.weight[1] = hh * c.lw;
+  c.weight[2] = c.lh * hw;
+  c.weight[3] = c.lh * c.lw;
+  return c;
+}
+
+template <typename T>
+inline void axpy(T* __restrict__ y, T a, const T* __restrict__ x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// out += sum_k a[k] * v_k, the common case of a point with all four corners inside the map.
+template <typename T>
+inline void axpy4(T* __restrict__ out, const T* a, const T* __restrict__ v0, const T* __restrict__ v1,
+                  const T* __restrict__ v2, const T* __restrict__ v3, int64_t n) {
+  const T a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] += a0 * v0[i] + a1 * v1[i] + a2 * v2[i] + a3 * v3[i];
+}
+
+template <typename T>
+inline T dot(const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += x[i] * y[i];
+  return s;
+}
+
+template <typename T>
+void forward_cpu(const T* value, const int64_t* shapes, const int64_t* starts, const T* loc, const T* attn, T* out,
+                 const MsdaSizes& n) {
+  const int64_t row_stride = n.M * n.D;  // between consecutive positions s of one (b, m)
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, n.M * n.L * n.P));
+  at::parallel_for(0, n.B * n.Q, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t bq = begin; bq < end; ++bq) {
+      const int64_t b = bq / n.Q;
+      for (int64_t m = 0; m < n.M; ++m) {
+        T* o = out + (bq * n.M + m) * n.D;  // (D,)
+        std::fill(o, o + n.D, T(0));
+        const T* v = value + (b * n.S * n.M + m) * n.D;  // position s at v + s * row_stride
+        const int64_t point0 = (bq * n.M + m) * n.L * n.P;
+        for (int64_t l = 0; l < n.L; ++l) {
+          for (int64_t p = 0; p < n.P; ++p) {
+            const int64_t i = point0 + l * n.P + p;
+            const Corners<T> c = corners_of(loc[2 * i], loc[2 * i + 1], shapes[2 * l], shapes[2 * l + 1], starts[l]);
+            if (!c.any) continue;
+            const T a = attn[i];
+            const T w[4] = {a * c.weight[0], a * c.weight[1], a * c.weight[2], a * c.weight[3]};
+            if (c.row[0] >= 0 && c.row[3] >= 0) {  // opposite corners inside -> all four are
+              axpy4(o, w, v + c.row[0] * row_stride, v + c.row[1] * row_stride, v + c.row[2] * row_stride,
+                    v + c.row[3] * row_stride, n.D);
+            } else {
+              for (int k = 0; k < 4; ++k) {
+                if (c.row[k] >= 0) axpy(o, w[k], v + c.row[k] * row_stride, n.D);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_cpu(const T* grad_out, const T* value, const int64_t* shapes, const int64_t* starts, const T* loc,
+                  const T* attn, T* grad_value, T* grad_loc, T* grad_attn, const MsdaSizes& n) {
+  const int64_t row_stride = n.M * n.D;
+  at::parallel_for(0, n.B * n.M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bm = begin; bm < end; ++bm) {
+      const int64_t b = bm / n.M, m = bm % n.M;
+      const T* v = value + (b * n.S * n.M + m) * n.D;
+      T* gv = grad_value + (b * n.S * n.M + m) * n.D;
+      for (int64_t s = 0; s < n.S; ++s) std::fill(gv + s * row_stride, gv + s * row_stride + n.D, T(0));
+      for (int64_t q = 0; q < n.Q; ++q) {
+        const int64_t bqm = (b * n.Q + q) * n.M + m;
+        const T* go = grad_out + bqm * n.D;  // (D,)
+        for (int64_t l = 0; l < n.L; ++l) {
+          const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+          for (int64_t p = 0; p < n.P; ++p) {
+            const int64_t i = (bqm * n.L + l) * n.P + p;
+            const Corners<T> c = corners_of(loc[2 * i], loc[2 * i + 1], H, W, starts[l]);
+            if (!c.any) {
+              grad_attn[i] = grad_loc[2 * i] = grad_loc[2 * i + 1] = T(0);
+              continue;
+            }
+            // s_k = <grad_out, value at corner k>; corners outside the map hold zeros.
+            T s[4];
+            for (int k = 0; k < 4; ++k) s[k] = c.row[k] >= 0 ? dot(go, v + c.row[k] * row_stride, n.D) : T(0);
+            const T a = attn[i];
+            const T hh = T(1) - c.lh, hw = T(1) - c.lw;
+            grad_attn[i] = c.weight[0] * s[0] + c.weight[1] * s[1] + c.weight[2] * s[2] + c.weight[3] * s[3];
+            grad_loc[2 * i] = a * static_cast<T>(W) * (hh * (s[1] - s[0]) + c.lh * (s[3] - s[2]));
+            grad_loc[2 * i + 1] = a * static_cast<T>(H) * (hw * (s[2] - s[0]) + c.lw * (s[3] - s[1]));
+            for (int k = 0; k < 4; ++k) {
+              if (c.row[k] >= 0) axpy(gv + c.row[k] * row_stride, a * c.weight[k], go, n.D);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_cpu(const at::Tensor& value, const at::Tensor& sampling_locations) {
+  TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
+              "the CPU ms_deform_attn kernel supports float32 and float64, got ", value.scalar_type());
+  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type(), "sampling_locations must have value's dtype");
+}
+
+at::Tensor ms_deform_attn_cpu(const at::Tensor& value_, const at::Tensor& spatial_shapes_,
+                              const at::Tensor& level_start_index_, const at::Tensor& sampling_locations_,
+                              const at::Tensor& attention_weights_) {
+  const MsdaSizes n =
+      check_msda_inputs(value_, spatial_shapes_, level_start_index_, sampling_locations_, attention_weights_);
+  check_cpu(value_, sampling_locations_);
+  const at::Tensor value = value_.contiguous(), shapes = spatial_shapes_.contiguous(),
+                   starts = level_start_index_.contiguous(), loc = sampling_locations_.contiguous(),
+                   attn = attention_weights_.contiguous();
+  at::Tensor out = at::empty({n.B, n.Q, n.M * n.D}, value.options());
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
+    forward_cpu<scalar_t>(value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+                          loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& grad_output_, const at::Tensor& value_, const at::Tensor& spatial_shapes_,
+    const at::Tensor& level_start_index_, const at::Tensor& sampling_locations_, const at::Tensor& attention_weights_) {
+  const MsdaSizes n =
+      check_msda_inputs(value_, spatial_shapes_, level_start_index_, sampling_locations_, attention_weights_);
+  check_cpu(value_, sampling_locations_);
+  TORCH_CHECK(grad_output_.sizes() == at::IntArrayRef({n.B, n.Q, n.M * n.D}) &&
+                  grad_output_.scalar_type() == value_.scalar_type(),
+              "grad_output must have shape (B, Q, M*D) and value's dtype, got ", grad_output_.sizes());
+  const at::Tensor grad_out = grad_output_.contiguous(), value = value_.contiguous(),
+                   shapes = spatial_shapes_.contiguous(), starts = level_start_index_.contiguous(),
+                   loc = sampling_locations_.contiguous(), attn = attention_weights_.contiguous();
+  // Every element is written by the kernel (grad_value slices are zeroed by their owning task).
+  at::Tensor grad_value = at::empty_like(value), grad_loc = at::empty_like(loc), grad_attn = at::empty_like(attn);
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    backward_cpu<scalar_t>(grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
+                           starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
+                           grad_value.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(),
+                           grad_attn.data_ptr<scalar_t>(), n);
+  });
+  return {grad_value, grad_loc, grad_attn};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bev3d, m) {
+  m.def(
+      "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations, "
+      "Tensor attention_weights) -> Tensor");
+  m.def(
+      "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bev3d, CPU, m) {
+  m.impl("ms_deform_attn", &ms_deform_attn_cpu);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+}
+
+}  // namespace bev3d
