@@ -77,6 +77,7 @@ class DETRHeadConfig:
     ffn_dims: int = 2048
     dropout: float = 0.1
     aux_loss: bool = True
+    position_encoding: str = "sine"  # sine | learned
 
 
 @dataclass
@@ -92,8 +93,9 @@ class DeformableDETRHeadConfig:
     num_levels: int = 4
     num_points: int = 4
     with_box_refine: bool = False
-    two_stage: bool = False
+    two_stage: bool = False  # queries = top num_queries encoder proposals
     aux_loss: bool = True
+    attn_backend: str = "auto"  # ms_deform_attn backend: auto | reference | cpu | cuda
 
 
 @dataclass
@@ -143,8 +145,9 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     pc_range: list[float] = field(default_factory=lambda: [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0])
-    max_detections: int = 300
+    max_detections: int = 300  # NMS-free top-k over (query, class)
     score_threshold: float = 0.0
+    post_center_range: list[float] = field(default_factory=lambda: [-61.2, -61.2, -10.0, 61.2, 61.2, 10.0])
 
     @staticmethod
     def _field_type(name, raw):
@@ -172,6 +175,7 @@ class DataConfig:
     photometric: bool = False
     normalize: str = "caffe"  # caffe (BGR, std 1) | torchvision (RGB, ImageNet std)
     pad_divisor: int = 32
+    crop_prob: float = 0.0  # coco only: probability of DETR's random-size crop augmentation
     batch_size: int = 1
     num_workers: int = 2
     skip_bad_samples: bool = False
@@ -195,6 +199,8 @@ class TrainConfig:
     ckpt_interval: int = 1  # epochs
     keep_last: int = 3
     max_bad_steps: int = 10
+    find_unused_parameters: bool = False  # DDP: set for models whose forward skips some parameters
+    tensorboard: bool = True
 
 
 @dataclass

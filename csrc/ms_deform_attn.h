@@ -1,15 +1,13 @@
 // Shape/dtype/device checks shared by the CPU and CUDA bindings of bev3d::ms_deform_attn.
-// The Python wrapper (bev3d/ops/ms_deform_attn.py) raises ValueError before these fire; these guard
+// The Python wrapper (bev3d/ops/deform_attn.py) raises ValueError before these fire; these guard
 // direct torch.ops.bev3d.* callers, since the kernels trust the shapes to index memory.
 #pragma once
 
 #include <ATen/ATen.h>
 
-namespace bev3d {
+#include "ms_deform_attn_kernel.h"
 
-struct MsdaSizes {
-  int64_t B, S, M, D, Q, L, P;
-};
+namespace bev3d {
 
 inline MsdaSizes check_msda_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,

@@ -1,5 +1,5 @@
 """Compiled operators: multi-scale deformable attention (CPU C++ / CUDA kernels, PyTorch reference)."""
 
-from bev3d.ops.ms_deform_attn import ms_deform_attn, ms_deform_attn_reference
+from bev3d.ops.deform_attn import ms_deform_attn, ms_deform_attn_reference
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_reference"]

@@ -33,7 +33,7 @@ def load_extension(verbose=False):
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         _error = f"building the C++ extension failed ({type(exc).__name__}: {lines[-1] if lines else ''})"
         return _error
-    from bev3d.ops.ms_deform_attn import register_op_impls
+    from bev3d.ops.deform_attn import register_op_impls
 
     register_op_impls()
     _with_cuda = with_cuda

@@ -37,14 +37,15 @@ def decode_boxes(code):
     return torch.stack([cx, cy, cz, log_w.exp(), log_l.exp(), log_h.exp(), torch.atan2(sin, cos), vx, vy], -1)
 
 
-def centres_to_metres(code, reference, pc_range):
-    """Turn a head's raw box output into the regression code with centres in metres.
+def refine_centres(code, reference):
+    """(..., 10) raw box output, (..., 3) reference points as inverse-sigmoid fractions of pc_range
+    -> (..., 3) box centres as fractions of pc_range: the head predicts offsets in logit space."""
+    return (torch.stack([code[..., 0], code[..., 1], code[..., 4]], -1) + reference).sigmoid()
 
-    code: (..., 10) raw output; its cx, cy, cz are offsets in inverse-sigmoid space
-    reference: (..., 3) reference points as inverse-sigmoid fractions of pc_range
-    """
-    centre = torch.stack([code[..., 0], code[..., 1], code[..., 4]], -1) + reference
-    centre = denormalize_points(centre.sigmoid(), pc_range)
+
+def with_centres(code, centres, pc_range):
+    """Replace the centre entries of a (..., 10) raw box output with `centres` (fractions) in metres."""
+    centre = denormalize_points(centres, pc_range)
     return torch.cat([centre[..., :2], code[..., 2:4], centre[..., 2:3], code[..., 5:]], -1)
 
 

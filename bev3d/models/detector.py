@@ -1,0 +1,89 @@
+"""Multi-view 3D detectors (PETR, DETR3D): a shared image backbone and neck over all cameras, a 3D head.
+
+`model(batch)` takes the collated batch of `bev3d.data.collate` (docs: the 3D batch contract). In train
+mode it returns the dict of scalar losses; in eval mode one dict per sample with `boxes` (K, 9) in the
+LiDAR frame, `scores` (K,) and `labels` (K,).
+"""
+
+import torch
+import torch.nn as nn
+
+from bev3d.constants import CLASSES
+from bev3d.errors import Bev3dError
+from bev3d.models.backbones import build_backbone
+from bev3d.models.heads.box_coder import NMSFreeDecoder
+from bev3d.models.heads.criterion3d import SetCriterion3D
+from bev3d.models.heads.detr3d import DETR3DHead
+from bev3d.models.heads.detr3d_sampling import SAMPLERS
+from bev3d.models.heads.matcher3d import HungarianMatcher3D
+from bev3d.models.heads.petr import PETRHead
+from bev3d.models.necks import build_neck
+
+
+class MultiViewDetector(nn.Module):
+    def __init__(self, backbone, neck, head, criterion, decoder):
+        super().__init__()
+        self.backbone, self.neck, self.head, self.criterion = backbone, neck, head, criterion
+        self.decoder = decoder
+
+    def extract_feats(self, img):
+        """(B, N, 3, H, W) -> list of (B, N, C, H_l, W_l): every camera image goes through the backbone."""
+        B, N = img.shape[:2]
+        feats = self.neck(self.backbone(img.flatten(0, 1)))
+        return [f.view(B, N, *f.shape[1:]) for f in feats]
+
+    def forward(self, batch):
+        img = batch["img"]  # (B, N, 3, H_pad, W_pad)
+        lidar2img = batch["lidar2img"].to(img)  # (B, N, 4, 4)
+        img_shape = torch.as_tensor(batch["img_shape"], device=img.device).view(-1, 2)  # (B, 2) valid (H, W)
+        cls_logits, box_code = self.head(self.extract_feats(img), lidar2img, img_shape, tuple(img.shape[-2:]))
+        if self.training:
+            return self.criterion(cls_logits, box_code, batch["gt_boxes"], batch["gt_labels"])
+        return self.decoder(cls_logits[-1], box_code[-1])
+
+
+def build_head(cfg):
+    """ModelConfig -> PETRHead | DETR3DHead."""
+    h, in_channels = cfg.head, cfg.neck.out_channels
+    common = dict(num_queries=h.num_queries, embed_dims=h.embed_dims, num_heads=h.num_heads,
+                  num_decoder_layers=h.num_decoder_layers, ffn_dims=h.ffn_dims, dropout=h.dropout)
+    if cfg.type == "petr":
+        return PETRHead(in_channels, h.num_classes, cfg.pc_range, in_level=h.in_level, depth_num=h.depth_num,
+                        depth_start=h.depth_start, position_range=h.position_range, with_2d_pe=h.with_2d_pe,
+                        **common)
+    return DETR3DHead(h.num_classes, cfg.pc_range, num_levels=h.num_levels,
+                      with_box_refine=h.with_box_refine, sampler=h.sampler, **common)
+
+
+def check_model_config(m):
+    """Raise Bev3dError for model settings the heads cannot run with."""
+    h = m.head
+    if h.num_classes != len(CLASSES):
+        raise Bev3dError(f"model.head.num_classes is {h.num_classes}, but the nuScenes labels are the "
+                         f"{len(CLASSES)} classes of bev3d.constants.CLASSES: set it to {len(CLASSES)}.")
+    if h.embed_dims % h.num_heads:
+        raise Bev3dError(f"model.head.embed_dims ({h.embed_dims}) must be divisible by model.head.num_heads "
+                         f"({h.num_heads}).")
+    if m.type == "detr3d":
+        if m.neck.out_channels != h.embed_dims:
+            raise Bev3dError(f"DETR3D samples the neck features directly: model.neck.out_channels "
+                             f"({m.neck.out_channels}) must equal model.head.embed_dims ({h.embed_dims}).")
+        if h.sampler not in SAMPLERS:
+            raise Bev3dError(f"model.head.sampler is {h.sampler!r}; use one of {', '.join(SAMPLERS)}.")
+        if h.num_levels > m.neck.num_outs:
+            raise Bev3dError(f"model.head.num_levels ({h.num_levels}) exceeds the neck's levels "
+                             f"(model.neck.num_outs = {m.neck.num_outs}).")
+    elif h.in_level >= m.neck.num_outs:
+        raise Bev3dError(f"model.head.in_level ({h.in_level}) must name one of the neck's "
+                         f"{m.neck.num_outs} levels (model.neck.num_outs).")
+
+
+def build(cfg):
+    """Config -> MultiViewDetector for `cfg.model.type` in ("petr", "detr3d")."""
+    m = cfg.model
+    check_model_config(m)
+    matcher = HungarianMatcher3D(m.matcher.cost_class, m.matcher.cost_bbox, m.loss.focal_alpha, m.loss.focal_gamma)
+    criterion = SetCriterion3D(m.head.num_classes, matcher, m.loss.cls_weight, m.loss.bbox_weight,
+                               m.loss.focal_alpha, m.loss.focal_gamma, m.loss.code_weights)
+    decoder = NMSFreeDecoder(m.head.num_classes, m.max_detections, m.score_threshold, m.post_center_range)
+    return MultiViewDetector(build_backbone(m.backbone), build_neck(m.neck), build_head(m), criterion, decoder)

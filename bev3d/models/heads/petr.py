@@ -1,0 +1,93 @@
+"""PETR head (Liu et al. 2022, megvii-research/PETR): 3D position-aware image tokens, global decoder.
+
+Every feature pixel of every camera gets a frustum of depth candidates, lifted to 3D with the inverse
+of its camera's `lidar2img`; an MLP turns those points into a 3D position embedding, so plain global
+cross-attention over all N_cam x H x W tokens (DETR's decoder on SDPA) reasons in 3D.
+"""
+
+import torch
+import torch.nn as nn
+
+from bev3d.geometry import transform_points
+from bev3d.models.heads.box_coder import normalize_points
+from bev3d.models.heads.common import PredictionBranches, sine_embed_points
+from bev3d.models.transformer.detr_transformer import TransformerDecoder
+from bev3d.models.transformer.position_encoding import PositionEmbeddingSine
+from bev3d.models.transformer.utils import inverse_sigmoid
+
+
+def depth_bins(depth_num, depth_start, depth_max):
+    """(D,) linear-increasing depths: d_i = start + (max - start) * i (i + 1) / (D (D + 1))."""
+    i = torch.arange(depth_num, dtype=torch.float32)
+    return depth_start + (depth_max - depth_start) * i * (i + 1) / (depth_num * (depth_num + 1))
+
+
+def padding_mask(img_shape, pad_shape, feat_hw):
+    """img_shape (B, 2) valid (H, W), pad_shape (H_pad, W_pad) -> (B, H_f, W_f) True where a feature
+    cell's centre lies in the padding."""
+    H, W = feat_hw
+    v = (torch.arange(H, device=img_shape.device) + 0.5) * (pad_shape[0] / H)  # cell centres, pixels
+    u = (torch.arange(W, device=img_shape.device) + 0.5) * (pad_shape[1] / W)
+    return (v[None, :, None] >= img_shape[:, 0, None, None]) | (u[None, None, :] >= img_shape[:, 1, None, None])
+
+
+class PETRHead(nn.Module):
+    def __init__(self, in_channels, num_classes, pc_range, num_queries=900, embed_dims=256, num_heads=8,
+                 num_decoder_layers=6, ffn_dims=2048, dropout=0.1, in_level=0, depth_num=64, depth_start=1.0,
+                 position_range=(-61.2, -61.2, -10.0, 61.2, 61.2, 10.0), with_2d_pe=True):
+        super().__init__()
+        self.in_level, self.pc_range, self.position_range = in_level, list(pc_range), list(position_range)
+        self.register_buffer("depths", depth_bins(depth_num, depth_start, position_range[3]), persistent=False)
+        self.input_proj = nn.Conv2d(in_channels, embed_dims, 1)
+        self.position_encoder = nn.Sequential(
+            nn.Conv2d(depth_num * 3, embed_dims * 4, 1), nn.ReLU(inplace=True), nn.Conv2d(embed_dims * 4, embed_dims, 1))
+        # 2D sine embedding of each camera's own pixel grid: no camera index, so the camera order is irrelevant.
+        self.sine_2d = PositionEmbeddingSine(embed_dims // 2, normalize=True) if with_2d_pe else None
+        if with_2d_pe:
+            self.adapt_pos2d = nn.Sequential(
+                nn.Conv2d(embed_dims, embed_dims, 1), nn.ReLU(inplace=True), nn.Conv2d(embed_dims, embed_dims, 1))
+        self.reference_points = nn.Embedding(num_queries, 3)
+        nn.init.uniform_(self.reference_points.weight, 0, 1)
+        self.query_embedding = nn.Sequential(
+            nn.Linear(embed_dims * 3 // 2, embed_dims), nn.ReLU(inplace=True), nn.Linear(embed_dims, embed_dims))
+        self.decoder = TransformerDecoder(num_decoder_layers, embed_dims, num_heads=num_heads, ffn_dims=ffn_dims,
+                                          dropout=dropout)
+        # Shared across layers as in the official PETR (no refinement: every layer uses the same anchors).
+        self.branches = PredictionBranches(embed_dims, num_classes, num_decoder_layers, pc_range, shared=True)
+
+    def position_embedding(self, lidar2img, pad_shape, feat_hw):
+        """lidar2img (B, N, 4, 4) -> (B*N, D*3, H, W) inverse-sigmoid frustum points in position_range."""
+        H, W = feat_hw
+        B, N = lidar2img.shape[:2]
+        D = self.depths.numel()
+        v = (torch.arange(H, device=lidar2img.device) + 0.5) * (pad_shape[0] / H)
+        u = (torch.arange(W, device=lidar2img.device) + 0.5) * (pad_shape[1] / W)
+        vv, uu, dd = torch.meshgrid(v, u, self.depths, indexing="ij")  # (H, W, D) each
+        frustum = torch.stack([uu * dd, vv * dd, dd], -1).view(1, 1, H * W * D, 3)  # image coords times depth
+        # float64 inverse: lidar2img mixes focal lengths (~1e3) with rotations, float32 loses millimetres.
+        img2lidar = torch.linalg.inv(lidar2img.double()).to(lidar2img.dtype)
+        points = transform_points(frustum, img2lidar)  # (B, N, H*W*D, 3) LiDAR
+        points = inverse_sigmoid(normalize_points(points, self.position_range))
+        return points.view(B * N, H, W, D * 3).permute(0, 3, 1, 2)
+
+    def forward(self, feats, lidar2img, img_shape, pad_shape):
+        """feats: list of (B, N, C_in, H_l, W_l); lidar2img (B, N, 4, 4); img_shape (B, 2) valid (H, W).
+
+        Returns class logits (L, B, Q, num_classes) and box codes (L, B, Q, 10), centres in metres.
+        """
+        x = feats[self.in_level]
+        B, N, _, H, W = x.shape
+        mask = padding_mask(img_shape, pad_shape, (H, W))[:, None].expand(B, N, H, W).reshape(B * N, H, W)
+        memory = self.input_proj(x.flatten(0, 1))  # (B*N, C, H, W)
+        pos = self.position_encoder(self.position_embedding(lidar2img, pad_shape, (H, W)))
+        if self.sine_2d is not None:
+            pos = pos + self.adapt_pos2d(self.sine_2d(mask))
+        C = memory.shape[1]
+        memory = memory.view(B, N, C, H * W).permute(0, 1, 3, 2).reshape(B, N * H * W, C)
+        pos = pos.view(B, N, C, H * W).permute(0, 1, 3, 2).reshape(B, N * H * W, C)
+
+        reference = self.reference_points.weight[None].expand(B, -1, -1)  # (B, Q, 3) fractions of pc_range
+        query_pos = self.query_embedding(sine_embed_points(reference, C // 2))
+        hidden = self.decoder(torch.zeros_like(query_pos), memory, query_pos, pos, mask.view(B, N * H * W))
+        outs = [self.branches(i, h, reference)[:2] for i, h in enumerate(hidden)]
+        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])

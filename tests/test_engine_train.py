@@ -1,0 +1,154 @@
+import json
+import math
+
+import pytest
+import torch
+
+from bev3d.engine import checkpoint as ckpt_mod
+from bev3d.engine.checkpoint import load_checkpoint, save_checkpoint
+from bev3d.engine.optim import build_optimizer, lr_factor
+from bev3d.engine.train import Trainer, seed_everything
+from bev3d.errors import Bev3dError
+from engine_toy import ToyDataset, ToyModel, toy_config
+
+
+def _train(cfg, dataset=None, resume=None, dropout=0.1):
+    seed_everything(cfg.train.seed)
+    trainer = Trainer(cfg, ToyModel(dropout), dataset or ToyDataset())
+    trainer.fit(resume=resume)
+    return trainer
+
+
+def _log(work_dir):
+    return [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_param_groups():
+    cfg = toy_config("unused", lr=1e-3, backbone_lr_mult=0.1, weight_decay=0.05)
+    model = ToyModel()
+    opt = build_optimizer(model, cfg.train)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    expect = {  # name -> (lr, weight decay)
+        "backbone.0.weight": (1e-4, 0.05),
+        "backbone.0.bias": (1e-4, 0.0),
+        "query_embed": (1e-3, 0.0),
+        "norm.weight": (1e-3, 0.0),
+        "norm.bias": (1e-3, 0.0),
+        "head.weight": (1e-3, 0.05),
+        "head.bias": (1e-3, 0.0),
+    }
+    for name, p in model.named_parameters():
+        g = by_param[id(p)]
+        assert (g["lr"], g["weight_decay"]) == pytest.approx(expect[name]), name
+
+
+def test_warmup_cosine_schedule():
+    total, warm, ratio, min_ratio = 100, 10, 1 / 3, 1e-3
+    assert lr_factor(0, total, warm, ratio, min_ratio) == pytest.approx(1 / 3)
+    assert lr_factor(5, total, warm, ratio, min_ratio) == pytest.approx(1 / 3 + (2 / 3) * 0.5)
+    assert lr_factor(10, total, warm, ratio, min_ratio) == pytest.approx(1.0)
+    assert lr_factor(55, total, warm, ratio, min_ratio) == pytest.approx(min_ratio + (1 - min_ratio) * 0.5)
+    assert lr_factor(100, total, warm, ratio, min_ratio) == pytest.approx(min_ratio)
+
+
+def test_trainer_applies_schedule_and_backbone_mult(tmp_path):
+    cfg = toy_config(tmp_path, max_epochs=1, warmup_iters=2, warmup_ratio=0.5)
+    _train(cfg)
+    lrs = [r["lr"] for r in _log(tmp_path) if r["mode"] == "train"]  # lr after each step (4 steps)
+    total = 4
+    expect = [1e-2 * lr_factor(i, total, 2, 0.5, cfg.train.min_lr_ratio) for i in range(1, total + 1)]
+    assert lrs == pytest.approx(expect)
+
+
+def test_exact_resume_after_epoch(tmp_path):
+    straight = _train(toy_config(tmp_path / "a"))
+    resumed = _train(toy_config(tmp_path / "b"), resume=tmp_path / "a" / "epoch_1.pth")
+    _assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+    a = [r for r in _log(tmp_path / "a") if r["iter"] > 4]
+    b = _log(tmp_path / "b")
+    assert [r["loss_mse"] for r in a] == [r["loss_mse"] for r in b]
+    # the check can fail: another seed gives other weights
+    other = _train(toy_config(tmp_path / "c", seed=1))
+    assert not torch.equal(other.model.head.weight, straight.model.head.weight)
+
+
+def test_ctrl_c_saves_and_resume_is_exact(tmp_path):
+    straight = _train(toy_config(tmp_path / "a"))
+    cfg = toy_config(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        _train(cfg, ToyDataset(interrupt_at=7))  # SIGINT while loading step 4's batch -> stops after step 4
+    assert (tmp_path / "b" / "iter_4.pth").is_file()
+    state = load_checkpoint(tmp_path / "b" / "latest.pth")
+    assert (state["iter"], state["epoch"], state["iter_in_epoch"]) == (4, 1, 0)
+    with pytest.raises(KeyboardInterrupt):  # again mid-epoch: after step 6 of 8
+        _train(cfg, ToyDataset(interrupt_at=3), resume="latest")
+    assert load_checkpoint(tmp_path / "b" / "latest.pth")["iter_in_epoch"] == 2
+    resumed = _train(cfg, resume="latest")
+    _assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+
+
+def test_checkpoint_write_interrupted_keeps_previous(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pth"
+    save_checkpoint(path, {"w": torch.ones(3), "iter": 1})
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"w": torch.zeros(3), "iter": 2})
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["iter"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]
+
+
+def test_corrupt_checkpoint_names_file(tmp_path):
+    path = tmp_path / "epoch_3.pth"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(Bev3dError, match="epoch_3.pth"):
+        load_checkpoint(path)
+
+
+def test_keep_last_and_latest(tmp_path):
+    _train(toy_config(tmp_path, max_epochs=4, keep_last=2))
+    names = sorted(p.name for p in tmp_path.glob("*.pth"))
+    assert names == ["epoch_3.pth", "epoch_4.pth", "latest.pth"]
+    assert load_checkpoint(tmp_path / "latest.pth")["epoch"] == 4
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_non_finite_loss_skips_then_stops(tmp_path):
+    cfg = toy_config(tmp_path, max_epochs=3, max_bad_steps=3)
+    with pytest.raises(Bev3dError, match="iteration 7"):
+        _train(cfg, ToyDataset(nan_from=9))  # samples 9.. give NaN: steps 5, 6, 7 are bad
+    state = load_checkpoint(tmp_path / "iter_7.pth")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    logged = [r["iter"] for r in _log(tmp_path) if r["mode"] == "train"]
+    assert logged[:4] == [1, 2, 3, 4]
+
+
+def test_accumulation_matches_larger_batch(tmp_path):
+    big = toy_config(tmp_path / "a", max_epochs=1)
+    small = toy_config(tmp_path / "b", max_epochs=1, accumulate=2)
+    small.data.batch_size = 1
+    a = _train(big, ToyDataset(noise=False), dropout=0.0)
+    b = _train(small, ToyDataset(noise=False), dropout=0.0)
+    assert a.iter == b.iter == 4
+    for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), name
+
+
+def test_bf16_autocast_trains(tmp_path):
+    t = _train(toy_config(tmp_path, amp="bf16", max_epochs=3))
+    losses = [r["loss_mse"] for r in _log(tmp_path) if r["mode"] == "train"]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-4:]) < sum(losses[:4])
+    assert t.amp == "bf16"
