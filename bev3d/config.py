@@ -33,6 +33,7 @@ class BackboneConfig:
     out_indices: list[int] = field(default_factory=lambda: [3])  # stages 0..3 -> C2..C5
     with_cp: bool = False  # gradient checkpointing in the residual blocks
     frozen_bn: bool = True  # FrozenBatchNorm2d (fixed statistics and affine) instead of BatchNorm2d
+    base_channels: int = 64  # stem width; stages have base, 2x, 4x, 8x (x4 for bottlenecks)
     weights: Optional[str] = None  # local torchvision or MSRA-caffe state dict
 
 

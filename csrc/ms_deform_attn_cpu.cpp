@@ -1,14 +1,19 @@
 // CPU kernels of bev3d::ms_deform_attn (float32, float64) and the op schema.
 //
-// Forward: one task per (b, q); each output row (b, q, m, :) is written by exactly one task.
-// Backward: one task per (b, m); the task owns grad_value[b, :, m, :] (zeroes it, then scatters
-// into it in a fixed order) and grad of every sampling point of head m, so there are no atomics
-// and the result is bitwise reproducible for any thread count.
+// Forward: one item per (b, m, q); each output row (b, q, m, :) is written by exactly one item.
+// Backward: one task per (b, m); the task owns grad_value[b, :, m, :] (accumulated in a fixed order,
+// then written once) and grad of every sampling point of head m, so there are no atomics and the
+// result is bitwise reproducible for any thread count.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "ms_deform_attn.h"
 
@@ -51,6 +56,66 @@ inline Corners<T> corners_of(T x, T y, int64_t H, int64_t W, int64_t start) {
   return c;
 }
 
+constexpr size_t kHugePage = size_t(2) << 20;
+
+inline size_t round_to_huge_pages(size_t bytes) { return (bytes + kHugePage - 1) / kHugePage * kHugePage; }
+
+// 2 MiB-aligned memory that Linux may back with transparent huge pages (like c10's allocator does
+// under THP_MEM_ALLOC_ENABLE=1). With 4 KiB pages, first-touch faults on a fresh multi-MB grad_value
+// cost more than the scatter into it, and random reads across 4 KiB pages miss the TLB.
+inline void* alloc_huge(size_t bytes) {
+  void* p = std::aligned_alloc(kHugePage, round_to_huge_pages(bytes));
+  TORCH_CHECK(p != nullptr, "ms_deform_attn: out of memory allocating ", bytes, " bytes");
+#ifdef __linux__
+  madvise(p, round_to_huge_pages(bytes), MADV_HUGEPAGE);
+#endif
+  return p;
+}
+
+// An uninitialised output tensor; from 4 MiB up it lives in huge pages (see alloc_huge).
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+  if (bytes < 2 * kHugePage) return at::empty(sizes, options);
+  return at::from_blob(alloc_huge(bytes), sizes, [](void* p) { std::free(p); }, options);
+}
+
+// A per-thread buffer reused across calls, so that its page faults are paid once.
+class Scratch {
+ public:
+  ~Scratch() { std::free(data_); }
+  void* get(size_t bytes) {
+    if (bytes > capacity_) {
+      std::free(data_);
+      data_ = nullptr;
+      data_ = alloc_huge(bytes);
+      capacity_ = round_to_huge_pages(bytes);
+    }
+    return data_;
+  }
+
+ private:
+  void* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+// Whether to copy one head's map, value[b, :, m, :], into a dense huge-page buffer before sampling
+// it: the strided slice spans M times more 4 KiB pages, and random reads across them miss the TLB.
+// The copy pays off once the head reads about as many corner rows as the map has.
+inline bool gather_pays(const MsdaSizes& n, int64_t queries) { return 4 * queries * n.L * n.P >= n.S; }
+
+// The rows value[b, :, m, :] of one head as a pointer and a row stride, copied into `scratch` when that pays.
+template <typename T>
+inline const T* head_map(const T* value, int64_t b, int64_t m, const MsdaSizes& n, bool gather, Scratch& scratch,
+                         int64_t& stride) {
+  const T* src = value + (b * n.S * n.M + m) * n.D;
+  stride = n.M * n.D;
+  if (!gather) return src;
+  T* dst = static_cast<T*>(scratch.get(sizeof(T) * n.S * n.D));
+  for (int64_t s = 0; s < n.S; ++s) std::copy(src + s * stride, src + s * stride + n.D, dst + s * n.D);
+  stride = n.D;
+  return dst;
+}
+
 template <typename T>
 inline void axpy(T* __restrict__ y, T a, const T* __restrict__ x, int64_t n) {
 #pragma omp simd
@@ -77,30 +142,36 @@ inline T dot(const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
 template <typename T>
 void forward_cpu(const T* value, const int64_t* shapes, const int64_t* starts, const T* loc, const T* attn, T* out,
                  const MsdaSizes& n) {
-  const int64_t row_stride = n.M * n.D;  // between consecutive positions s of one (b, m)
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, n.M * n.L * n.P));
-  at::parallel_for(0, n.B * n.Q, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t bq = begin; bq < end; ++bq) {
-      const int64_t b = bq / n.Q;
-      for (int64_t m = 0; m < n.M; ++m) {
-        T* o = out + (bq * n.M + m) * n.D;  // (D,)
-        std::fill(o, o + n.D, T(0));
-        const T* v = value + (b * n.S * n.M + m) * n.D;  // position s at v + s * row_stride
-        const int64_t point0 = (bq * n.M + m) * n.L * n.P;
-        for (int64_t l = 0; l < n.L; ++l) {
-          for (int64_t p = 0; p < n.P; ++p) {
-            const int64_t i = point0 + l * n.P + p;
-            const Corners<T> c = corners_of(loc[2 * i], loc[2 * i + 1], shapes[2 * l], shapes[2 * l + 1], starts[l]);
-            if (!c.any) continue;
-            const T a = attn[i];
-            const T w[4] = {a * c.weight[0], a * c.weight[1], a * c.weight[2], a * c.weight[3]};
-            if (c.row[0] >= 0 && c.row[3] >= 0) {  // opposite corners inside -> all four are
-              axpy4(o, w, v + c.row[0] * row_stride, v + c.row[1] * row_stride, v + c.row[2] * row_stride,
-                    v + c.row[3] * row_stride, n.D);
-            } else {
-              for (int k = 0; k < 4; ++k) {
-                if (c.row[k] >= 0) axpy(o, w[k], v + c.row[k] * row_stride, n.D);
-              }
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, n.L * n.P));
+  // Items run in (b, m, q) order so that a thread keeps sampling one head's map, which stays in cache.
+  at::parallel_for(0, n.B * n.M * n.Q, grain, [&](int64_t begin, int64_t end) {
+    thread_local Scratch scratch;
+    const bool gather = gather_pays(n, std::min(end - begin, n.Q));
+    int64_t bm_cached = -1, stride = 0;
+    const T* v = nullptr;  // position s of the current head's map at v + s * stride
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bm = item / n.Q, q = item % n.Q;
+      const int64_t b = bm / n.M, m = bm % n.M;
+      if (bm != bm_cached) {
+        v = head_map(value, b, m, n, gather, scratch, stride);
+        bm_cached = bm;
+      }
+      const int64_t bqm = (b * n.Q + q) * n.M + m;
+      T* o = out + bqm * n.D;  // (D,)
+      std::fill(o, o + n.D, T(0));
+      for (int64_t l = 0; l < n.L; ++l) {
+        for (int64_t p = 0; p < n.P; ++p) {
+          const int64_t i = (bqm * n.L + l) * n.P + p;
+          const Corners<T> c = corners_of(loc[2 * i], loc[2 * i + 1], shapes[2 * l], shapes[2 * l + 1], starts[l]);
+          if (!c.any) continue;
+          const T a = attn[i];
+          const T w[4] = {a * c.weight[0], a * c.weight[1], a * c.weight[2], a * c.weight[3]};
+          if (c.row[0] >= 0 && c.row[3] >= 0) {  // opposite corners inside -> all four are
+            axpy4(o, w, v + c.row[0] * stride, v + c.row[1] * stride, v + c.row[2] * stride, v + c.row[3] * stride,
+                  n.D);
+          } else {
+            for (int k = 0; k < 4; ++k) {
+              if (c.row[k] >= 0) axpy(o, w[k], v + c.row[k] * stride, n.D);
             }
           }
         }
@@ -112,13 +183,17 @@ void forward_cpu(const T* value, const int64_t* shapes, const int64_t* starts, c
 template <typename T>
 void backward_cpu(const T* grad_out, const T* value, const int64_t* shapes, const int64_t* starts, const T* loc,
                   const T* attn, T* grad_value, T* grad_loc, T* grad_attn, const MsdaSizes& n) {
-  const int64_t row_stride = n.M * n.D;
+  const bool gather = gather_pays(n, n.Q);
   at::parallel_for(0, n.B * n.M, 1, [&](int64_t begin, int64_t end) {
+    // grad of this task's head map accumulates in a dense (S, D) huge-page buffer, for the same
+    // reason the map itself is gathered, and is written to grad_value once at the end.
+    thread_local Scratch map_scratch, grad_scratch;
+    T* acc = static_cast<T*>(grad_scratch.get(sizeof(T) * n.S * n.D));
     for (int64_t bm = begin; bm < end; ++bm) {
       const int64_t b = bm / n.M, m = bm % n.M;
-      const T* v = value + (b * n.S * n.M + m) * n.D;
-      T* gv = grad_value + (b * n.S * n.M + m) * n.D;
-      for (int64_t s = 0; s < n.S; ++s) std::fill(gv + s * row_stride, gv + s * row_stride + n.D, T(0));
+      int64_t stride;
+      const T* v = head_map(value, b, m, n, gather, map_scratch, stride);
+      std::fill(acc, acc + n.S * n.D, T(0));
       for (int64_t q = 0; q < n.Q; ++q) {
         const int64_t bqm = (b * n.Q + q) * n.M + m;
         const T* go = grad_out + bqm * n.D;  // (D,)
@@ -133,18 +208,20 @@ void backward_cpu(const T* grad_out, const T* value, const int64_t* shapes, cons
             }
             // s_k = <grad_out, value at corner k>; corners outside the map hold zeros.
             T s[4];
-            for (int k = 0; k < 4; ++k) s[k] = c.row[k] >= 0 ? dot(go, v + c.row[k] * row_stride, n.D) : T(0);
+            for (int k = 0; k < 4; ++k) s[k] = c.row[k] >= 0 ? dot(go, v + c.row[k] * stride, n.D) : T(0);
             const T a = attn[i];
             const T hh = T(1) - c.lh, hw = T(1) - c.lw;
             grad_attn[i] = c.weight[0] * s[0] + c.weight[1] * s[1] + c.weight[2] * s[2] + c.weight[3] * s[3];
             grad_loc[2 * i] = a * static_cast<T>(W) * (hh * (s[1] - s[0]) + c.lh * (s[3] - s[2]));
             grad_loc[2 * i + 1] = a * static_cast<T>(H) * (hw * (s[2] - s[0]) + c.lw * (s[3] - s[1]));
             for (int k = 0; k < 4; ++k) {
-              if (c.row[k] >= 0) axpy(gv + c.row[k] * row_stride, a * c.weight[k], go, n.D);
+              if (c.row[k] >= 0) axpy(acc + c.row[k] * n.D, a * c.weight[k], go, n.D);
             }
           }
         }
       }
+      T* gv = grad_value + (b * n.S * n.M + m) * n.D;
+      for (int64_t s = 0; s < n.S; ++s) std::copy(acc + s * n.D, acc + (s + 1) * n.D, gv + s * n.M * n.D);
     }
   });
 }
@@ -164,7 +241,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value_, const at::Tensor& spatia
   const at::Tensor value = value_.contiguous(), shapes = spatial_shapes_.contiguous(),
                    starts = level_start_index_.contiguous(), loc = sampling_locations_.contiguous(),
                    attn = attention_weights_.contiguous();
-  at::Tensor out = at::empty({n.B, n.Q, n.M * n.D}, value.options());
+  at::Tensor out = empty_output({n.B, n.Q, n.M * n.D}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
     forward_cpu<scalar_t>(value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
                           loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n);
@@ -184,8 +261,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const at::Tensor grad_out = grad_output_.contiguous(), value = value_.contiguous(),
                    shapes = spatial_shapes_.contiguous(), starts = level_start_index_.contiguous(),
                    loc = sampling_locations_.contiguous(), attn = attention_weights_.contiguous();
-  // Every element is written by the kernel (grad_value slices are zeroed by their owning task).
-  at::Tensor grad_value = at::empty_like(value), grad_loc = at::empty_like(loc), grad_attn = at::empty_like(attn);
+  // Every element is written by the kernel, grad_value by the task owning its (b, m) slice.
+  at::Tensor grad_value = empty_output(value.sizes(), value.options()), grad_loc = at::empty_like(loc),
+             grad_attn = at::empty_like(attn);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     backward_cpu<scalar_t>(grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
                            starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),

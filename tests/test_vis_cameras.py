@@ -53,20 +53,25 @@ def has_color(img, uv, color, radius=1):
     return bool(np.all(patch == np.array(color, np.uint8), axis=-1).any())
 
 
-def test_mosaic_draws_every_projected_corner_of_a_gt_box():
+@pytest.mark.parametrize("with_predictions", [False, True])
+def test_mosaic_draws_every_projected_corner_of_a_gt_box(with_predictions):
     l2i = rig()
     box = np.array([[0.8, 11.0, 0.4, 2.0, 4.5, 1.6, 0.4, 0, 0]])
-    mosaic = render_cameras(blank_images(), l2i, gt_boxes=box, gt_labels=[0], tile_width=W)
+    label = 1
+    # GT takes its class colour alone, GT_COLOR beside (here: no) predictions
+    preds = dict(pred_boxes=np.zeros((0, 9)), pred_labels=[], pred_scores=[]) if with_predictions else {}
+    color = GT_COLOR if with_predictions else class_color(label)
+    mosaic = render_cameras(blank_images(), l2i, gt_boxes=box, gt_labels=[label], tile_width=W, **preds)
     assert mosaic.shape == (2 * H, 3 * W, 3)
     cam = CAMERAS.index("CAM_FRONT")
     uv, depth = project_points(box_corners(box)[0], l2i[cam])
     assert (depth > 1).all() and (uv >= 0).all() and (uv[:, 0] < W).all() and (uv[:, 1] < H).all()
     front = tile(mosaic, "CAM_FRONT")
     for corner in uv:
-        assert has_color(front, corner, GT_COLOR), f"no GT line at projected corner {corner}"
+        assert has_color(front, corner, color), f"no GT line at projected corner {corner}"
     # away from the box the image is untouched
     far = front[:, : int(uv[:, 0].min()) - 5]
-    assert not np.all(far == np.array(GT_COLOR, np.uint8), axis=-1).any()
+    assert not np.all(far == np.array(color, np.uint8), axis=-1).any()
 
 
 def test_prediction_uses_class_colour_and_respects_score_threshold():

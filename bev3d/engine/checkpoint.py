@@ -81,7 +81,7 @@ class CheckpointManager:
     """Writes `epoch_N.pth` / `iter_N.pth`, points `latest.pth` (and `best.pth` by a metric) at it and
     keeps only the newest `keep_last` numbered files."""
 
-    def __init__(self, work_dir, keep_last, best_metric="nd_score"):
+    def __init__(self, work_dir, keep_last, best_metric=None):
         self.work_dir = Path(work_dir)
         self.keep_last = keep_last
         self.best_metric = best_metric

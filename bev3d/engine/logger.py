@@ -2,12 +2,15 @@
 JSONL file (`log.jsonl`, one record per logged iteration or evaluation). Only rank 0 logs."""
 
 import json
+import re
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+_AUX = re.compile(r"d\d+\.")
 
 
 def memory_mb(device):
@@ -85,7 +88,8 @@ class TrainLogger:
             self.tb.add_scalar("train/lr", lr, it)
             self.tb.add_scalar("train/grad_norm", grad_norm, it)
             self.tb.add_scalar("train/it_per_s", its, it)
-        loss_text = "  ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        # the console shows the last decoder layer's terms (aux-layer `d<i>.` terms go to the files only)
+        loss_text = "  ".join(f"{k} {v:.4f}" for k, v in losses.items() if not _AUX.match(k))
         self.print(f"epoch {epoch} iter {it}/{self.total_iters}  {loss_text}  lr {lr:.3e}  "
                    f"grad_norm {grad_norm:.3f}  {its:.2f} it/s  eta {_format_eta(eta)}  mem {mem:.0f}M")
 
@@ -97,7 +101,8 @@ class TrainLogger:
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"eval/{k}", v, it)
-        self.print(f"epoch {epoch} iter {it} eval: " + "  ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+        shown = {k: v for k, v in scalars.items() if not k.startswith("AP_")}  # per-class APs: files only
+        self.print(f"epoch {epoch} iter {it} eval: " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))
 
     def close(self):
         if self.bar is not None:

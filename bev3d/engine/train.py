@@ -93,16 +93,18 @@ class ResumableSampler(DistributedSampler):
 
 
 class _StopRequest:
-    """First Ctrl-C (SIGINT) only sets a flag so the loop stops at the next step boundary and saves;
-    a second one interrupts at once."""
+    """The first Ctrl-C (SIGINT) or SIGTERM (what torchrun and job schedulers send) only sets a flag, so
+    the loop stops at the next step boundary and saves; a second one interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
@@ -111,8 +113,8 @@ class _StopRequest:
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 class Trainer:
@@ -148,7 +150,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc, self.total_iters)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
-        self.ckpts = CheckpointManager(self.work_dir, tc.keep_last)
+        self.ckpts = CheckpointManager(self.work_dir, tc.keep_last, getattr(evaluator, "best_metric", None))
         self.epoch = 0  # completed epochs
         self.iter = 0  # completed optimizer steps
         self.iter_in_epoch = 0
@@ -267,6 +269,9 @@ class Trainer:
                     with autocast(self.device, self.amp):
                         out = self.ddp_model(batch)
                     loss = sum(v for k, v in out.items() if "loss" in k)
+                    if not torch.is_tensor(loss):
+                        raise Bev3dError(f"{type(self.model).__name__} returned no loss in train mode (keys: "
+                                         f"{sorted(out)}); the engine sums the entries whose name contains 'loss'.")
                     bad, stop_flag = dist.all_reduce_max(
                         [float(not torch.isfinite(loss.detach()).item()), float(stop.requested)], self.device)
                     if not bad:
@@ -368,19 +373,15 @@ def config_overrides(args):
 
 def build_train_components(cfg, device):
     """Model, training set, collate function and periodic evaluator for a config."""
+    from bev3d.data import build_dataset
+    from bev3d.engine.test import build_evaluator, collate_fn_for
     from bev3d.models import build_model
 
-    if cfg.data.type != "nuscenes":
-        raise Bev3dError(f"Config key data.type={cfg.data.type!r}: bev3d train supports `nuscenes` in this "
-                         f"version.")
-    from bev3d.data import build_dataset, collate
-    from bev3d.engine.test import NuScenesEvaluator
-
+    evaluator = build_evaluator(cfg, device) if cfg.eval.interval > 0 else None
     seed_everything(cfg.train.seed)  # identical initial weights on every rank and every run
     model = build_model(cfg)
     train_set = build_dataset(cfg, cfg.data.train_split)
-    evaluator = NuScenesEvaluator(cfg, device) if cfg.eval.interval > 0 else None
-    return model, train_set, collate, evaluator
+    return model, train_set, collate_fn_for(cfg), evaluator
 
 
 def train(cfg, resume=None):

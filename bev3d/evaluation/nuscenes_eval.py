@@ -133,6 +133,7 @@ def _evaluator_without_boxes(nusc, config, results_path, split, out_dir):
     ev.nusc, ev.cfg, ev.result_path, ev.eval_set, ev.verbose = nusc, config, str(results_path), split, False
     ev.output_dir = str(out_dir)
     ev.plot_dir = os.path.join(ev.output_dir, "plots")
+    os.makedirs(ev.plot_dir, exist_ok=True)
     ev.pred_boxes, ev.meta = load_prediction(str(results_path), config.max_boxes_per_sample, DetectionBox)
     ev.gt_boxes = load_gt(nusc, split, DetectionBox)
     for side in ("pred_boxes", "gt_boxes"):

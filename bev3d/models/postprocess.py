@@ -6,10 +6,10 @@ from bev3d.models.box_ops import box_cxcywh_to_xyxy
 
 
 def _to_pixels(boxes, sizes):
-    """boxes (B, K, 4) normalised cxcywh, sizes (B, 2) as (H, W) -> (B, K, 4) xyxy pixels."""
+    """boxes (B, K, 4) normalised cxcywh, sizes (B, 2) as (H, W) -> (B, K, 4) xyxy pixels inside the image."""
     h, w = sizes.unbind(-1)
     scale = torch.stack([w, h, w, h], -1)[:, None].to(boxes.dtype)
-    return box_cxcywh_to_xyxy(boxes) * scale
+    return torch.min(box_cxcywh_to_xyxy(boxes).clamp(min=0, max=1) * scale, scale)
 
 
 def postprocess_softmax(logits, boxes, sizes, max_detections=100, score_threshold=0.0):

@@ -5,7 +5,7 @@ import numpy as np
 
 from bev3d.constants import CAMERAS
 from bev3d.geometry import box_corners, project_points
-from bev3d.vis.style import BOX_EDGES, FRONT_CROSS, GT_COLOR, class_color, class_name, select
+from bev3d.vis.style import BOX_EDGES, FRONT_CROSS, class_color, class_name, gt_colors, select
 
 # Mosaic layout: front row FL F FR, back row BL B BR.
 LAYOUT = (
@@ -72,17 +72,20 @@ def render_cameras(
     """The 6 camera images with 3D boxes drawn, as one (2 * tile_h, 3 * tile_width, 3) uint8 RGB mosaic.
 
     images:    6 arrays (H, W, 3) uint8 RGB in bev3d.constants.CAMERAS order.
-    lidar2img: (6, 4, 4) for those images' pixels. Boxes are (N, 9) in the LiDAR frame; ground truth
-    is drawn in GT_COLOR with its class name below it, predictions with score >= score_thr in their
-    class colour with "class score" above. The front face of each box carries a cross.
+    lidar2img: (6, 4, 4) for those images' pixels. Boxes are (N, 9) in the LiDAR frame. Predictions
+    with score >= score_thr are drawn in their class colour with "class score" above them; ground
+    truth with its class name below it, in its class colour, or in GT_COLOR when predictions are
+    given (bev3d.vis.style). The front face of each box carries a cross.
     """
     if len(images) != len(CAMERAS):
         raise ValueError(f"render_cameras needs {len(CAMERAS)} images in CAMERAS order, got {len(images)}")
     lidar2img = np.asarray(lidar2img, dtype=np.float64)
     h0, w0 = images[0].shape[:2]
     tile_height = int(round(h0 * tile_width / w0))
+    with_predictions = pred_boxes is not None
     gt_boxes, gt_labels, _ = select(gt_boxes, gt_labels, None, -np.inf)
     pred_boxes, pred_labels, pred_scores = select(pred_boxes, pred_labels, pred_scores, score_thr)
+    gt_color = gt_colors(gt_labels, with_predictions)
 
     rows = []
     for row in LAYOUT:
@@ -94,7 +97,7 @@ def render_cameras(
             scale = np.diag([tile_width / w, tile_height / h, 1.0, 1.0])
             tile = cv2.resize(image, (tile_width, tile_height), interpolation=cv2.INTER_AREA)
             cam_l2i = scale @ lidar2img[cam]
-            draw_boxes(tile, gt_boxes, cam_l2i, [GT_COLOR] * len(gt_boxes),
+            draw_boxes(tile, gt_boxes, cam_l2i, gt_color,
                        [class_name(lb) for lb in gt_labels], thickness=2, text_below=True)
             draw_boxes(tile, pred_boxes, cam_l2i, [class_color(lb) for lb in pred_labels],
                        [f"{class_name(lb)} {s:.2f}" for lb, s in zip(pred_labels, pred_scores)], thickness=2)

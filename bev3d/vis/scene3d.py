@@ -16,9 +16,9 @@ import tempfile
 import numpy as np
 
 from bev3d.errors import Bev3dError
-from bev3d.geometry import box_corners, intrinsics_4x4, transform_points
+from bev3d.geometry import box_corners, transform_points
 from bev3d.vis.style import (
-    BOX_EDGES, EGO_COLOR, FRUSTUM_COLOR, FRONT_CROSS, GT_COLOR, class_color, ego_axes, ego_box,
+    BOX_EDGES, EGO_COLOR, FRUSTUM_COLOR, FRONT_CROSS, class_color, ego_axes, ego_box, gt_colors,
     height_colors, select,
 )
 
@@ -63,12 +63,6 @@ def default_views(lidar2ego=None, width=960, height=720, extent=40.0):
     return {"birdseye": (K, birdseye, width, height), "chase": (K, chase, width, height)}
 
 
-def view_projection(view):
-    """(4, 4) matrix that projects LiDAR points into a view's pixels with geometry.project_points."""
-    K, world2cam = view[0], view[1]
-    return intrinsics_4x4(K) @ world2cam
-
-
 def build_scene(
     gt_boxes=None,
     gt_labels=None,
@@ -83,6 +77,7 @@ def build_scene(
     extent=40.0,
 ):
     """Plain-array description of the 3D scene (line groups, point cloud, meshes), LiDAR frame."""
+    with_predictions = pred_boxes is not None
     gt_boxes, gt_labels, _ = select(gt_boxes, gt_labels, None, -np.inf)
     pred_boxes, pred_labels, _ = select(pred_boxes, pred_labels, pred_scores, score_thr)
     ego = ego_box(lidar2ego)
@@ -91,7 +86,7 @@ def build_scene(
     lines = [
         _grid(origin, extent),
         _box_lines("ego", ego, [EGO_COLOR], width=2.0),
-        _box_lines("gt", gt_boxes, [GT_COLOR] * len(gt_boxes), width=3.0),
+        _box_lines("gt", gt_boxes, gt_colors(gt_labels, with_predictions), width=3.0),
         _box_lines("pred", pred_boxes, [class_color(lb) for lb in pred_labels], width=2.0),
     ]
     if lidar2img is not None:
@@ -131,8 +126,9 @@ def render_scene_3d(
     """Render the 3D scene headless with Open3D: {view name: (height, width, 3) uint8 RGB}.
 
     Boxes (N, 9), points (P, >=3), lidar2img (6, 4, 4) for images of `image_size` (W, H) and
-    lidar2ego (4, 4) are in/from the LiDAR frame. Ground truth is drawn in GT_COLOR, predictions
-    with score >= score_thr in their class colour; a cross marks each box's front face.
+    lidar2ego (4, 4) are in/from the LiDAR frame. Predictions with score >= score_thr are drawn in
+    their class colour, ground truth (thicker lines) in its class colour or, when predictions are
+    given, in GT_COLOR; a cross marks each box's front face.
     views: {name: (K, world2cam, width, height)}; default `default_views(lidar2ego, width, height)`.
     """
     scene = build_scene(gt_boxes, gt_labels, pred_boxes, pred_labels, pred_scores, points,
@@ -173,14 +169,18 @@ def headless_env():
     return env
 
 
-def show_scene_3d(scene, title="bev3d"):
-    """Open an interactive Open3D window with a build_scene(...) scene. Needs a display."""
+def show_scene_3d(scene, view=None, title="bev3d"):
+    """Open an interactive Open3D window with a build_scene(...) scene, starting at `view`
+    (K, world2cam, width, height) when given. Needs a display."""
     import open3d as o3d
 
     from bev3d.vis._o3d_worker import to_open3d
 
     geoms = [{"name": n, "geometry": g, "material": m} for n, g, m in to_open3d(scene)]
-    o3d.visualization.draw(geoms, title=title, bg_color=scene["background"], show_skybox=False)
+    camera = {}
+    if view is not None:
+        camera = dict(intrinsic_matrix=view[0], extrinsic_matrix=view[1], width=view[2], height=view[3])
+    o3d.visualization.draw(geoms, title=title, bg_color=scene["background"], show_skybox=False, **camera)
 
 
 def display_available():

@@ -1,7 +1,8 @@
 """Colours and box topology shared by the 3D, camera and BEV pictures.
 
-Ground truth is drawn in one colour (GT_COLOR) so that it stands apart from the predictions,
-which take their class colour. Colours are RGB uint8.
+Predictions take their class colour. Ground truth takes its class colour too when it is drawn
+alone, and GT_COLOR when predictions are drawn with it, so that the two stand apart.
+Colours are RGB uint8.
 """
 
 import numpy as np
@@ -29,6 +30,11 @@ CLASS_COLORS = {
 def class_color(label):
     """Colour of class index `label` (in bev3d.constants.CLASSES order)."""
     return CLASS_COLORS[CLASSES[int(label)]]
+
+
+def gt_colors(labels, with_predictions):
+    """Colours of ground-truth boxes: GT_COLOR beside predictions, else the class colours."""
+    return [GT_COLOR if with_predictions else class_color(lb) for lb in labels]
 
 
 def class_name(label):

@@ -8,7 +8,8 @@ from bev3d.models.backbones.resnet import FrozenBatchNorm2d, ResNet
 def build_backbone(cfg):
     """BackboneConfig -> ResNet (weights loaded from `cfg.weights` when set; key mismatches printed)."""
     model = ResNet(depth=cfg.depth, style=cfg.style, frozen_stages=cfg.frozen_stages, norm_eval=cfg.norm_eval,
-                   out_indices=cfg.out_indices, with_cp=cfg.with_cp, frozen_bn=cfg.frozen_bn)
+                   out_indices=cfg.out_indices, with_cp=cfg.with_cp, frozen_bn=cfg.frozen_bn,
+                   base_channels=cfg.base_channels)
     if cfg.weights:
         missing, unexpected = model.load_weights(cfg.weights)
         if missing or unexpected:

@@ -1,7 +1,8 @@
 """ResNet-18/34/50/101 with torchvision's state-dict keys (conv1, bn1, layer1..4, downsample.0/1).
 
 Options follow mmdet's ResNet: frozen BatchNorm, `frozen_stages`, `norm_eval`, caffe style (stride on
-the first 1x1 conv of a bottleneck instead of the 3x3), gradient checkpointing and `out_indices`.
+the first 1x1 conv of a bottleneck instead of the 3x3), gradient checkpointing, `out_indices` and
+`base_channels` (64 in the real networks; smaller widths make CPU-sized models for tests).
 """
 
 from pathlib import Path
@@ -96,7 +97,7 @@ class ResNet(nn.Module):
     """(B, 3, H, W) -> list of feature maps, one per `out_indices` entry (0..3 = C2..C5, strides 4..32)."""
 
     def __init__(self, depth=50, style="pytorch", frozen_stages=-1, norm_eval=True, out_indices=(3,),
-                 with_cp=False, frozen_bn=True):
+                 with_cp=False, frozen_bn=True, base_channels=64):
         super().__init__()
         if depth not in ARCH:
             raise Bev3dError(f"model.backbone.depth must be one of {sorted(ARCH)}, got {depth}.")
@@ -110,13 +111,13 @@ class ResNet(nn.Module):
         self.depth, self.style, self.frozen_stages = depth, style, frozen_stages
         self.norm_eval, self.with_cp, self.out_indices = norm_eval, with_cp, tuple(out_indices)
 
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = norm(64)
+        self.conv1 = nn.Conv2d(3, base_channels, 7, 2, 3, bias=False)
+        self.bn1 = norm(base_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        inplanes = 64
+        inplanes = base_channels
         for i, n in enumerate(layers):
-            planes, stride = 64 * 2**i, 1 if i == 0 else 2
+            planes, stride = base_channels * 2**i, 1 if i == 0 else 2
             downsample = None
             if stride != 1 or inplanes != planes * block.expansion:
                 downsample = nn.Sequential(
@@ -128,7 +129,7 @@ class ResNet(nn.Module):
             blocks += [block(inplanes, planes, 1, None, norm, style) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         # Channels of each output, in out_indices order (what a neck's in_channels must list).
-        self.out_channels = [64 * 2**i * block.expansion for i in self.out_indices]
+        self.out_channels = [base_channels * 2**i * block.expansion for i in self.out_indices]
         self._freeze_stages()
 
     def _freeze_stages(self):

@@ -88,6 +88,6 @@ class PETRHead(nn.Module):
 
         reference = self.reference_points.weight[None].expand(B, -1, -1)  # (B, Q, 3) fractions of pc_range
         query_pos = self.query_embedding(sine_embed_points(reference, C // 2))
-        hidden = self.decoder(torch.zeros_like(query_pos), memory, query_pos, pos, mask.view(B, N * H * W))
+        hidden = self.decoder(torch.zeros_like(query_pos), memory, query_pos, pos, mask.reshape(B, N * H * W))
         outs = [self.branches(i, h, reference)[:2] for i, h in enumerate(hidden)]
         return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])

@@ -274,7 +274,7 @@ class DeformableTransformer(nn.Module):
             topk = objectness.topk(min(self.num_proposals, objectness.shape[1]), dim=1)[1]  # (B, K)
             coords = torch.gather(enc_coord_unact, 1, topk[..., None].expand(-1, -1, 4)).detach()
             reference_points = coords.sigmoid()
-            query_pos, tgt = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(reference_points))).split(C, -1)
+            query_pos, tgt = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(reference_points, C // 2))).split(C, -1)
             enc_outputs = {"pred_logits": enc_logits, "pred_boxes": enc_coord_unact.sigmoid()}
         else:
             query_pos, tgt = query_embed.split(C, dim=1)  # (Q, C) each

@@ -1,0 +1,153 @@
+"""The synthetic rig, checked through the real devkit."""
+
+import argparse
+
+import cv2
+import numpy as np
+import pytest
+from nuscenes import NuScenes
+from nuscenes.eval.detection.utils import category_to_detection_name
+
+from bev3d.constants import CAMERAS, CLASSES
+from bev3d.data import synthetic
+from bev3d.errors import Bev3dError
+from bev3d.geometry import transform_matrix, transform_points
+
+
+@pytest.fixture(scope="module")
+def nusc(synth_root):
+    return NuScenes(version="v1.0-mini", dataroot=str(synth_root), verbose=False)
+
+
+def test_tables_load_and_split_names(nusc):
+    names = sorted(s["name"] for s in nusc.scene)
+    assert names == sorted(synthetic.MINI_TRAIN[:2] + synthetic.MINI_VAL[:2])
+    assert len(nusc.sample) == 4 * 4
+    # 2 Hz key frames in microseconds, linked both ways
+    for scene in nusc.scene:
+        sample = nusc.get("sample", scene["first_sample_token"])
+        while sample["next"]:
+            nxt = nusc.get("sample", sample["next"])
+            assert nxt["timestamp"] - sample["timestamp"] == 500_000
+            assert nxt["prev"] == sample["token"]
+            sample = nxt
+
+
+def test_every_class_in_each_split_with_points(nusc):
+    from nuscenes.utils.splits import create_splits_scenes
+
+    splits = create_splits_scenes()
+    for split in ("mini_train", "mini_val"):
+        names = set()
+        for ann in nusc.sample_annotation:
+            scene = nusc.get("scene", nusc.get("sample", ann["sample_token"])["scene_token"])
+            if scene["name"] in splits[split] and ann["num_lidar_pts"] > 0:
+                names.add(category_to_detection_name(ann["category_name"]))
+        assert names == set(CLASSES), split
+
+
+def test_lidar_counts_match_written_cloud_and_edge_cases(nusc, synth_root):
+    """num_lidar_pts equals the points of the written .pcd.bin inside the box (devkit's points_in_box)."""
+    from nuscenes.utils.data_classes import LidarPointCloud
+    from nuscenes.utils.geometry_utils import points_in_box
+
+    sample = nusc.sample[1]
+    sd = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
+    cloud = LidarPointCloud.from_file(nusc.get_sample_data_path(sd["token"]))
+    assert cloud.points.shape[0] == 4 and cloud.points.shape[1] > 10_000
+    _, boxes, _ = nusc.get_sample_data(sd["token"])
+    for box in boxes:
+        ann = nusc.get("sample_annotation", box.token)
+        inside = points_in_box(box.copy(), cloud.points[:3], wlh_factor=1.0).sum()
+        grown = points_in_box(box.copy(), cloud.points[:3], wlh_factor=1.05).sum()
+        assert inside <= ann["num_lidar_pts"] <= grown, ann["token"]
+    dist = []
+    for ann in nusc.sample_annotation:
+        pose = nusc.get("ego_pose", nusc.get("sample_data", nusc.get("sample", ann["sample_token"])["data"][
+            "LIDAR_TOP"])["ego_pose_token"])
+        dist.append(np.hypot(*(np.array(ann["translation"][:2]) - pose["translation"][:2])))
+    points = np.array([a["num_lidar_pts"] for a in nusc.sample_annotation])
+    assert (points == 0).any(), "no zero-point annotation (edge case)"
+    assert ((np.array(dist) > 50) & (points > 0)).any(), "no annotated object with points beyond 50 m"
+
+
+def test_attributes_follow_motion(nusc):
+    for ann in nusc.sample_annotation:
+        speed = np.linalg.norm(np.nan_to_num(nusc.box_velocity(ann["token"]))[:2])
+        attrs = [nusc.get("attribute", t)["name"] for t in ann["attribute_tokens"]]
+        name = category_to_detection_name(ann["category_name"])
+        if name in ("barrier", "traffic_cone"):
+            assert attrs == []
+        else:
+            moving = speed > 0.2
+            assert attrs[0] in {
+                True: ("vehicle.moving", "cycle.with_rider", "pedestrian.moving"),
+                False: ("vehicle.parked", "cycle.without_rider", "pedestrian.standing"),
+            }[moving], (name, speed, attrs)
+
+
+def test_rendered_object_colour_at_projected_centre(nusc, synth_root):
+    """A box centre drawn by the devkit's own geometry lands on its class colour in the JPEG whenever
+    no other box is in front of it there."""
+    from nuscenes.utils.geometry_utils import BoxVisibility, view_points
+
+    checked = 0
+    for sample in nusc.sample[:4]:
+        for cam in CAMERAS:
+            # every box, also those with no corner inside the image (a trailer passing by): they occlude too
+            path, boxes, K = nusc.get_sample_data(sample["data"][cam], box_vis_level=BoxVisibility.NONE)
+            img = cv2.imread(path)
+            hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+            centres = [view_points(b.center[:, None], K, normalize=True)[:2, 0] for b in boxes]
+            hulls = [view_points(b.corners(), K, normalize=True)[:2] for b in boxes]
+            for b, c in zip(boxes, centres):
+                u, v = int(c[0]), int(c[1])
+                if b.center[2] < 1 or not (2 <= u < img.shape[1] - 2 and 2 <= v < img.shape[0] - 2):
+                    continue
+                # a nearer box covers the centre if its projected corners enclose it; one reaching behind the
+                # camera has no meaningful projection, so it might cover anything
+                hidden = any(o is not b and 0 < o.corners()[2].max() and o.corners()[2].min() < b.center[2] and (
+                    o.corners()[2].min() < 0.5 or (h[0].min() - 3 <= c[0] <= h[0].max() + 3
+                                                   and h[1].min() - 3 <= c[1] <= h[1].max() + 3))
+                    for o, h in zip(boxes, hulls))
+                if hidden or np.ptp(view_points(b.corners(), K, normalize=True)[0]) < 12:
+                    continue
+                label = CLASSES.index(category_to_detection_name(b.name))
+                expected = synthetic.SPECS[CLASSES[label]].hue
+                h, s, _ = hsv[v, u].astype(int)
+                assert s > 80 and min(abs(h - expected), 180 - abs(h - expected)) <= 6, (cam, b.name, h, s)
+                checked += 1
+    assert checked >= 10
+
+
+def test_lidar_frame_and_cameras_consistent(nusc):
+    """The same object seen from two cameras: both projections of the annotation are inside the image
+    for an object ahead-left, i.e. the rig is one rigid body with the real extrinsics."""
+    cs = {c: nusc.get("calibrated_sensor", nusc.get("sample_data", nusc.sample[0]["data"][c])["calibrated_sensor_token"])
+          for c in CAMERAS}
+    front = transform_matrix(cs["CAM_FRONT"]["translation"], cs["CAM_FRONT"]["rotation"])
+    # optical axis of CAM_FRONT points along ego +x, CAM_BACK along -x
+    assert transform_points(np.array([[0.0, 0.0, 10.0]]), front)[0, 0] > 8
+    back = transform_matrix(cs["CAM_BACK"]["translation"], cs["CAM_BACK"]["rotation"])
+    assert transform_points(np.array([[0.0, 0.0, 10.0]]), back)[0, 0] < -8
+    assert np.isclose(cs["CAM_FRONT"]["camera_intrinsic"][0][0], 1266.417203046554 * 480 / 1600)
+
+
+def test_deterministic_scene_layout():
+    a = synthetic._make_scene(np.random.default_rng([3, 1]), 5.0)
+    b = synthetic._make_scene(np.random.default_rng([3, 1]), 5.0)
+    assert a[0] == b[0] and len(a[1]) == len(b[1])
+    assert all(ta.x0 == tb.x0 and ta.label == tb.label for ta, tb in zip(a[1], b[1]))
+
+
+@pytest.mark.parametrize("kwargs", [{"train_scenes": 9}, {"samples_per_scene": 1}, {"image_size": (8, 8)}])
+def test_bad_arguments(tmp_path, kwargs):
+    with pytest.raises(Bev3dError):
+        synthetic.write_synthetic_nuscenes(tmp_path, **kwargs)
+
+
+def test_cli_rejects_bad_size(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path), kind="nuscenes", seed=0, train_scenes=1, samples_per_scene=2,
+                              image_size="big")
+    with pytest.raises(Bev3dError, match="WIDTHxHEIGHT"):
+        synthetic.main(args)
