@@ -139,7 +139,7 @@ COMMANDS = {
 }
 
 # Subcommands whose issue has not landed yet.
-NOT_AVAILABLE = {"demo", "build-ops"}
+NOT_AVAILABLE = {"build-ops"}
 
 
 def build_parser():

@@ -126,7 +126,7 @@ class DETR3DHeadConfig:
     dropout: float = 0.1
     num_levels: int = 4
     with_box_refine: bool = True
-    sampler: str = "grid_sample"  # grid_sample | ms_deform_attn
+    sampler: str = "ms_deform_attn"  # ms_deform_attn (faster, tools/bench_heads.py) | grid_sample
 
 
 HEAD_CONFIGS = {

@@ -1,8 +1,8 @@
 // CPU kernels of bev3d::ms_deform_attn (float32, float64) and the op schema.
 //
 // Forward: one item per (b, m, q); each output row (b, q, m, :) is written by exactly one item.
-// Backward: one task per (b, m); the task owns grad_value[b, :, m, :] (accumulated in a fixed order,
-// then written once) and grad of every sampling point of head m, so there are no atomics and the
+// Backward: one task per (b, m); the task owns grad_value[b, :, m, :] (zeroes it, then scatters into
+// it in a fixed order) and grad of every sampling point of head m, so there are no atomics and the
 // result is bitwise reproducible for any thread count.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -72,11 +72,15 @@ inline void* alloc_huge(size_t bytes) {
   return p;
 }
 
-// An uninitialised output tensor; from 4 MiB up it lives in huge pages (see alloc_huge).
+// An uninitialised output tensor; from 4 MiB up it lives in huge pages (see alloc_huge). Like
+// at::empty it is NaN-filled under torch.use_deterministic_algorithms(True), which tests rely on.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
   if (bytes < 2 * kHugePage) return at::empty(sizes, options);
-  return at::from_blob(alloc_huge(bytes), sizes, [](void* p) { std::free(p); }, options);
+  at::Tensor t = at::from_blob(alloc_huge(bytes), sizes, [](void* p) { std::free(p); }, options);
+  const auto& ctx = at::globalContext();
+  if (ctx.deterministicAlgorithms() && ctx.deterministicFillUninitializedMemory()) t.fill_(NAN);
+  return t;
 }
 
 // A per-thread buffer reused across calls, so that its page faults are paid once.
@@ -86,7 +90,7 @@ class Scratch {
   void* get(size_t bytes) {
     if (bytes > capacity_) {
       std::free(data_);
-      data_ = nullptr;
+      data_ = nullptr;  // stays valid if alloc_huge throws
       data_ = alloc_huge(bytes);
       capacity_ = round_to_huge_pages(bytes);
     }
@@ -184,16 +188,15 @@ template <typename T>
 void backward_cpu(const T* grad_out, const T* value, const int64_t* shapes, const int64_t* starts, const T* loc,
                   const T* attn, T* grad_value, T* grad_loc, T* grad_attn, const MsdaSizes& n) {
   const bool gather = gather_pays(n, n.Q);
+  const int64_t gv_stride = n.M * n.D;
   at::parallel_for(0, n.B * n.M, 1, [&](int64_t begin, int64_t end) {
-    // grad of this task's head map accumulates in a dense (S, D) huge-page buffer, for the same
-    // reason the map itself is gathered, and is written to grad_value once at the end.
-    thread_local Scratch map_scratch, grad_scratch;
-    T* acc = static_cast<T*>(grad_scratch.get(sizeof(T) * n.S * n.D));
+    thread_local Scratch scratch;
     for (int64_t bm = begin; bm < end; ++bm) {
       const int64_t b = bm / n.M, m = bm % n.M;
       int64_t stride;
-      const T* v = head_map(value, b, m, n, gather, map_scratch, stride);
-      std::fill(acc, acc + n.S * n.D, T(0));
+      const T* v = head_map(value, b, m, n, gather, scratch, stride);
+      T* gv = grad_value + (b * n.S * n.M + m) * n.D;  // position s at gv + s * gv_stride
+      for (int64_t s = 0; s < n.S; ++s) std::fill(gv + s * gv_stride, gv + s * gv_stride + n.D, T(0));
       for (int64_t q = 0; q < n.Q; ++q) {
         const int64_t bqm = (b * n.Q + q) * n.M + m;
         const T* go = grad_out + bqm * n.D;  // (D,)
@@ -215,13 +218,11 @@ void backward_cpu(const T* grad_out, const T* value, const int64_t* shapes, cons
             grad_loc[2 * i] = a * static_cast<T>(W) * (hh * (s[1] - s[0]) + c.lh * (s[3] - s[2]));
             grad_loc[2 * i + 1] = a * static_cast<T>(H) * (hw * (s[2] - s[0]) + c.lw * (s[3] - s[1]));
             for (int k = 0; k < 4; ++k) {
-              if (c.row[k] >= 0) axpy(acc + c.row[k] * n.D, a * c.weight[k], go, n.D);
+              if (c.row[k] >= 0) axpy(gv + c.row[k] * gv_stride, a * c.weight[k], go, n.D);
             }
           }
         }
       }
-      T* gv = grad_value + (b * n.S * n.M + m) * n.D;
-      for (int64_t s = 0; s < n.S; ++s) std::copy(acc + s * n.D, acc + (s + 1) * n.D, gv + s * n.M * n.D);
     }
   });
 }

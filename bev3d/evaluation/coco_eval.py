@@ -3,7 +3,6 @@
 import contextlib
 import io
 
-import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -31,7 +30,8 @@ class CocoEvaluator:
                                      "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
 
     def summarize(self):
-        """-> {"AP": ..., "AP50": ..., ...} over the images seen by update (zeros when nothing was detected)."""
+        """-> {"AP": ..., "AP50": ..., ...} over the images seen by update (zeros when nothing was detected;
+        size-range entries without ground truth are absent)."""
         if not self.results:
             return dict.fromkeys(STAT_NAMES, 0.0)
         out = io.StringIO()
@@ -44,5 +44,5 @@ class CocoEvaluator:
             ev.summarize()
         if self.verbose:
             print(out.getvalue(), end="")
-        # COCOeval reports -1 where a size range has no ground truth; report those as nan, not as a score.
-        return {k: float(v) if v >= 0 else float(np.nan) for k, v in zip(STAT_NAMES, ev.stats)}
+        # COCOeval reports -1 where a size range has no ground truth: such entries are left out.
+        return {k: float(v) for k, v in zip(STAT_NAMES, ev.stats) if v >= 0}

@@ -19,7 +19,7 @@ from bev3d.models.transformer.utils import inverse_sigmoid
 
 
 class DETR3DCrossAttention(nn.Module):
-    def __init__(self, embed_dims, num_levels, pc_range, sampler="grid_sample"):
+    def __init__(self, embed_dims, num_levels, pc_range, sampler="ms_deform_attn"):
         super().__init__()
         self.pc_range, self.sampler = pc_range, sampler
         self.attention_weights = nn.Linear(embed_dims, num_levels)
@@ -59,7 +59,7 @@ class DETR3DDecoderLayer(TransformerDecoderLayer):
 class DETR3DHead(nn.Module):
     def __init__(self, num_classes, pc_range, num_queries=900, embed_dims=256, num_heads=8,
                  num_decoder_layers=6, ffn_dims=512, dropout=0.1, num_levels=4, with_box_refine=True,
-                 sampler="grid_sample"):
+                 sampler="ms_deform_attn"):
         super().__init__()
         self.num_levels, self.with_box_refine = num_levels, with_box_refine
         self.query_embedding = nn.Embedding(num_queries, embed_dims * 2)  # (position, content) halves

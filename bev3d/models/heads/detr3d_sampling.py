@@ -1,9 +1,10 @@
 """DETR3D's feature sampling: project 3D reference points into every camera and sample every level.
 
 Two interchangeable samplers compute the same weighted sum (tools/bench_heads.py times both):
-"grid_sample" loops over levels with `F.grid_sample`; "ms_deform_attn" treats every
-(camera, level) map as one level of `bev3d.ops.ms_deform_attn` with one point each, which fuses the
-sampling and the weighted sum (compiled kernel when built, its PyTorch reference otherwise).
+"grid_sample" loops over levels with `F.grid_sample`; "ms_deform_attn" (the default, 4-5x faster
+forward+backward on CPU) treats every (camera, level) map as one level of `bev3d.ops.ms_deform_attn`
+with one point each, which fuses the sampling and the weighted sum without materialising the
+(B, N_cam, C, Q) samples (compiled kernel when built, its PyTorch reference otherwise).
 """
 
 import torch
@@ -29,7 +30,7 @@ def project_to_cameras(points, lidar2img, img_shape, pad_shape, eps=1e-5):
     return (uv / pad_wh).clamp(-1.0, 2.0), visible
 
 
-def sample_multiview(feats, locations, weights, sampler="grid_sample"):
+def sample_multiview(feats, locations, weights, sampler="ms_deform_attn"):
     """Weighted sum of bilinear samples over cameras and levels.
 
     feats: list over L levels of (B, N, C, H_l, W_l); locations (B, N, Q, 2) fractions of the padded

@@ -1,0 +1,137 @@
+"""The augmentation pipeline keeps images and geometry consistent (checked on the rendered pixels)."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bev3d.data import NuScenesDataset
+from bev3d.data import synthetic
+from bev3d.data.transforms import (Compose, GlobalRotScaleTrans, GridMask, LoadMultiViewImages, Normalize,
+                                   PadToDivisor, ResizeCropFlip, ToSample, collate)
+from bev3d.constants import CLASSES
+from bev3d.geometry import box_corners, project_points
+
+
+@pytest.fixture(scope="module")
+def val_set(synth_root):
+    return NuScenesDataset(synth_root, "v1.0-mini", "mini_val")
+
+
+def _unoccluded_centres(boxes, lidar2img, img_hw, min_px=12):
+    """Indices of boxes whose projected centre is inside the image, whose silhouette is >= min_px wide,
+    and which no nearer box can cover there."""
+    corners = box_corners(boxes)  # (N, 8, 3)
+    uv_c, depth_c = project_points(boxes[:, :3], lidar2img)
+    uv, depth = project_points(corners, lidar2img[None])  # (N, 8, 2), (N, 8)
+    h, w = img_hw
+    keep = []
+    for n in range(len(boxes)):
+        u, v = uv_c[n]
+        if depth[n].min() < 1.0 or not (2 <= u < w - 2 and 2 <= v < h - 2) or np.ptp(uv[n, :, 0]) < min_px:
+            continue
+        covered = False
+        for o in range(len(boxes)):
+            if o == n or depth[o].max() <= 0 or depth[o].min() >= depth_c[n]:
+                continue
+            if depth[o].min() < 0.5 or (uv[o, :, 0].min() - 3 <= u <= uv[o, :, 0].max() + 3
+                                        and uv[o, :, 1].min() - 3 <= v <= uv[o, :, 1].max() + 3):
+                covered = True
+                break
+        if not covered:
+            keep.append(n)
+    return keep, uv_c
+
+
+def _hue_ok(img, uv, label, tol=8):
+    hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+    h, s, _ = hsv[int(uv[1]), int(uv[0])].astype(int)
+    expected = synthetic.SPECS[CLASSES[label]].hue
+    return s > 80 and min(abs(h - expected), 180 - abs(h - expected)) <= tol
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_augmentation_keeps_geometry(val_set, seed):
+    """After random ResizeCropFlip + GlobalRotScaleTrans, each unoccluded object's projected centre
+    (augmented box, augmented lidar2img) still lands on a pixel of its class colour."""
+    rng = np.random.default_rng(seed)
+    pipeline = Compose([LoadMultiViewImages(),
+                        ResizeCropFlip((200, 400), resize_range=(0.8, 1.3), flip=True, train=True, rng=rng),
+                        GlobalRotScaleTrans(rot_range=(-0.6, 0.6), scale_range=(0.9, 1.1), rng=rng)])
+    checked, flips = 0, 0
+    for i in range(len(val_set)):
+        out = pipeline(val_set.get_info(i))
+        flips += out["flip"]
+        assert not np.allclose(out["gt_boxes"], out["info"]["gt_boxes"])  # the boxes really moved
+        for c, img in enumerate(out["img"]):
+            assert img.shape == (200, 400, 3)
+            idx, uv = _unoccluded_centres(out["gt_boxes"], out["lidar2img"][c], img.shape[:2])
+            for n in idx:
+                src = np.linalg.solve(out["img_aug"][c], [*uv[n], 1.0])  # where the pixel came from
+                if not (2 <= src[0] < 478 and 2 <= src[1] < 268):
+                    continue  # zero padding: a scale below the fitting scale leaves borders
+                assert _hue_ok(img, uv[n], out["gt_labels"][n]), (i, c, n)
+                checked += 1
+    assert checked >= 10
+
+
+def test_wrong_geometry_is_detected(val_set):
+    """The check above can fail: augmenting the image but not lidar2img breaks it."""
+    rng = np.random.default_rng(0)
+    info = val_set.get_info(0)
+    out = Compose([LoadMultiViewImages(), ResizeCropFlip((200, 400), resize_range=(1.2, 1.2), train=True,
+                                                         rng=rng)])(info)
+    bad, total = 0, 0
+    for c, img in enumerate(out["img"]):
+        stale = info["lidar2img"][c]  # geometry of the un-augmented image
+        idx, uv = _unoccluded_centres(info["gt_boxes"], stale, img.shape[:2])
+        total += len(idx)
+        bad += sum(not _hue_ok(img, uv[n], info["gt_labels"][n]) for n in idx)
+    assert total > 0 and bad > total / 3
+
+
+def test_reduced_decode_matches_full_decode(val_set):
+    """Half-size JPEG decoding + halved intrinsics gives the same output as full decoding."""
+    info = val_set.get_info(1)
+    outs = []
+    for reduce in (False, True):
+        out = Compose([LoadMultiViewImages(reduce=reduce), ResizeCropFlip((96, 224), train=False)])(info)
+        outs.append(out)
+    np.testing.assert_allclose(outs[0]["lidar2img"], outs[1]["lidar2img"], atol=1e-9)
+    diff = np.abs(np.stack(outs[0]["img"]).astype(int) - np.stack(outs[1]["img"]).astype(int))
+    assert diff.mean() < 6
+
+
+def test_test_time_crop_is_petr_recipe(val_set):
+    info = val_set.get_info(0)
+    out = Compose([LoadMultiViewImages(), ResizeCropFlip((100, 300), train=False)])(info)
+    a = out["img_aug"][0]
+    scale = max(100 / 270, 300 / 480)
+    new_w, new_h = 480 * scale, 270 * scale
+    expected = np.array([[scale, 0, -int((new_w - 300) / 2)], [0, scale, -(int(new_h) - 100)], [0, 0, 1]])
+    np.testing.assert_allclose(a, expected)
+    np.testing.assert_allclose(out["cam_intrinsics"], a[None] @ info["cam_intrinsics"])
+
+
+def test_normalize_pad_and_sample(val_set):
+    info = val_set.get_info(0)
+    loaded = Compose([LoadMultiViewImages(), ResizeCropFlip((100, 300), train=False)])(info)
+    raw = np.stack(loaded["img"]).astype(np.float32)  # (6, H, W, 3) BGR
+    for mode, expect in [("caffe", raw - [103.53, 116.28, 123.675]),
+                         ("torchvision", (raw[..., ::-1] - [123.675, 116.28, 103.53]) / [58.395, 57.12, 57.375])]:
+        out = Compose([LoadMultiViewImages(), ResizeCropFlip((100, 300), train=False), Normalize(mode),
+                       PadToDivisor(32), ToSample()])(info)
+        assert out["img"].shape == (6, 3, 128, 320) and out["img_shape"] == (100, 300)
+        assert out["pad_shape"] == (128, 320)
+        np.testing.assert_allclose(out["img"][:, :, :100, :300].numpy(), expect.transpose(0, 3, 1, 2), atol=1e-4)
+        assert float(out["img"][:, :, 100:].abs().max()) == 0.0
+    batch = collate([out, out])
+    assert batch["img"].shape == (2, 6, 3, 128, 320) and batch["lidar2img"].dtype == torch.float32
+
+
+def test_grid_mask_zeroes_stripes(val_set):
+    out = Compose([LoadMultiViewImages(), ResizeCropFlip((100, 300), train=False),
+                   GridMask(prob=1.0, rng=np.random.default_rng(0))])(val_set.get_info(0))
+    zero = np.stack(out["img"]).max(-1) == 0  # (6, H, W)
+    assert 0.2 < zero.mean() < 0.9
+    np.testing.assert_array_equal(zero[0], zero[3])  # one mask per sample
