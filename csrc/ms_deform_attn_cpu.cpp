@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 
@@ -143,23 +144,34 @@ inline T dot(const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
   return s;
 }
 
+// Runs body(task) for each task in [0, n_tasks) on ATen's threads, which take tasks one at a time
+// from a shared counter: on a loaded machine a descheduled thread then does fewer tasks instead of
+// holding up the others, as a static split would. The counter only schedules; every task writes
+// its own outputs, so results do not depend on which thread ran what.
+template <typename F>
+void for_each_task(int64_t n_tasks, const F& body) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(n_tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t task = next++; task < n_tasks; task = next++) body(task);
+  });
+}
+
 template <typename T>
 void forward_cpu(const T* value, const int64_t* shapes, const int64_t* starts, const T* loc, const T* attn, T* out,
                  const MsdaSizes& n) {
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, n.L * n.P));
-  // Items run in (b, m, q) order so that a thread keeps sampling one head's map, which stays in cache.
-  at::parallel_for(0, n.B * n.M * n.Q, grain, [&](int64_t begin, int64_t end) {
+  // A task is a run of queries of one head, so that it keeps sampling one map, which stays in cache;
+  // heads are split into runs only when there are fewer than 4 heads per thread.
+  const int64_t runs = std::max<int64_t>(1, std::min(n.Q, (4 * at::get_num_threads() + n.B * n.M - 1) /
+                                                              std::max<int64_t>(1, n.B * n.M)));
+  const int64_t run_len = (n.Q + runs - 1) / runs;
+  for_each_task(n.B * n.M * runs, [&](int64_t task) {
     thread_local Scratch scratch;
-    const bool gather = gather_pays(n, std::min(end - begin, n.Q));
-    int64_t bm_cached = -1, stride = 0;
-    const T* v = nullptr;  // position s of the current head's map at v + s * stride
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t bm = item / n.Q, q = item % n.Q;
-      const int64_t b = bm / n.M, m = bm % n.M;
-      if (bm != bm_cached) {
-        v = head_map(value, b, m, n, gather, scratch, stride);
-        bm_cached = bm;
-      }
+    const int64_t bm = task / runs, b = bm / n.M, m = bm % n.M;
+    const int64_t q_begin = task % runs * run_len, q_end = std::min(n.Q, q_begin + run_len);
+    if (q_begin >= q_end) return;
+    int64_t stride;
+    const T* v = head_map(value, b, m, n, gather_pays(n, q_end - q_begin), scratch, stride);
+    for (int64_t q = q_begin; q < q_end; ++q) {
       const int64_t bqm = (b * n.Q + q) * n.M + m;
       T* o = out + bqm * n.D;  // (D,)
       std::fill(o, o + n.D, T(0));
@@ -189,37 +201,35 @@ void backward_cpu(const T* grad_out, const T* value, const int64_t* shapes, cons
                   const T* attn, T* grad_value, T* grad_loc, T* grad_attn, const MsdaSizes& n) {
   const bool gather = gather_pays(n, n.Q);
   const int64_t gv_stride = n.M * n.D;
-  at::parallel_for(0, n.B * n.M, 1, [&](int64_t begin, int64_t end) {
+  for_each_task(n.B * n.M, [&](int64_t bm) {
     thread_local Scratch scratch;
-    for (int64_t bm = begin; bm < end; ++bm) {
-      const int64_t b = bm / n.M, m = bm % n.M;
-      int64_t stride;
-      const T* v = head_map(value, b, m, n, gather, scratch, stride);
-      T* gv = grad_value + (b * n.S * n.M + m) * n.D;  // position s at gv + s * gv_stride
-      for (int64_t s = 0; s < n.S; ++s) std::fill(gv + s * gv_stride, gv + s * gv_stride + n.D, T(0));
-      for (int64_t q = 0; q < n.Q; ++q) {
-        const int64_t bqm = (b * n.Q + q) * n.M + m;
-        const T* go = grad_out + bqm * n.D;  // (D,)
-        for (int64_t l = 0; l < n.L; ++l) {
-          const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
-          for (int64_t p = 0; p < n.P; ++p) {
-            const int64_t i = (bqm * n.L + l) * n.P + p;
-            const Corners<T> c = corners_of(loc[2 * i], loc[2 * i + 1], H, W, starts[l]);
-            if (!c.any) {
-              grad_attn[i] = grad_loc[2 * i] = grad_loc[2 * i + 1] = T(0);
-              continue;
-            }
-            // s_k = <grad_out, value at corner k>; corners outside the map hold zeros.
-            T s[4];
-            for (int k = 0; k < 4; ++k) s[k] = c.row[k] >= 0 ? dot(go, v + c.row[k] * stride, n.D) : T(0);
-            const T a = attn[i];
-            const T hh = T(1) - c.lh, hw = T(1) - c.lw;
-            grad_attn[i] = c.weight[0] * s[0] + c.weight[1] * s[1] + c.weight[2] * s[2] + c.weight[3] * s[3];
-            grad_loc[2 * i] = a * static_cast<T>(W) * (hh * (s[1] - s[0]) + c.lh * (s[3] - s[2]));
-            grad_loc[2 * i + 1] = a * static_cast<T>(H) * (hw * (s[2] - s[0]) + c.lw * (s[3] - s[1]));
-            for (int k = 0; k < 4; ++k) {
-              if (c.row[k] >= 0) axpy(gv + c.row[k] * gv_stride, a * c.weight[k], go, n.D);
-            }
+    const int64_t b = bm / n.M, m = bm % n.M;
+    int64_t stride;
+    const T* v = head_map(value, b, m, n, gather, scratch, stride);
+    T* gv = grad_value + (b * n.S * n.M + m) * n.D;  // position s at gv + s * gv_stride
+    for (int64_t s = 0; s < n.S; ++s) std::fill(gv + s * gv_stride, gv + s * gv_stride + n.D, T(0));
+    for (int64_t q = 0; q < n.Q; ++q) {
+      const int64_t bqm = (b * n.Q + q) * n.M + m;
+      const T* go = grad_out + bqm * n.D;  // (D,)
+      for (int64_t l = 0; l < n.L; ++l) {
+        const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+        for (int64_t p = 0; p < n.P; ++p) {
+          const int64_t i = (bqm * n.L + l) * n.P + p;
+          const Corners<T> c = corners_of(loc[2 * i], loc[2 * i + 1], H, W, starts[l]);
+          if (!c.any) {
+            grad_attn[i] = grad_loc[2 * i] = grad_loc[2 * i + 1] = T(0);
+            continue;
+          }
+          // s_k = <grad_out, value at corner k>; corners outside the map hold zeros.
+          T s[4];
+          for (int k = 0; k < 4; ++k) s[k] = c.row[k] >= 0 ? dot(go, v + c.row[k] * stride, n.D) : T(0);
+          const T a = attn[i];
+          const T hh = T(1) - c.lh, hw = T(1) - c.lw;
+          grad_attn[i] = c.weight[0] * s[0] + c.weight[1] * s[1] + c.weight[2] * s[2] + c.weight[3] * s[3];
+          grad_loc[2 * i] = a * static_cast<T>(W) * (hh * (s[1] - s[0]) + c.lh * (s[3] - s[2]));
+          grad_loc[2 * i + 1] = a * static_cast<T>(H) * (hw * (s[2] - s[0]) + c.lw * (s[3] - s[1]));
+          for (int k = 0; k < 4; ++k) {
+            if (c.row[k] >= 0) axpy(gv + c.row[k] * gv_stride, a * c.weight[k], go, n.D);
           }
         }
       }

@@ -103,10 +103,10 @@ struct Point {
 template <typename T, typename A>
 __device__ __forceinline__ Point<A> prepare_point(int i, int n_pts, int64_t point0, const int64_t* __restrict__ shapes,
                                                   const int64_t* __restrict__ starts, const A* __restrict__ loc,
-                                                  const T* __restrict__ attn, int64_t P) {
+                                                  const T* __restrict__ attn, int P) {
   Point<A> pt{0, 1, 0, A(0), A(0), A(0)};
   if (i >= n_pts) return pt;
-  const int64_t l = i / P;
+  const int l = i / P;  // 32-bit: 64-bit division is slow on GPUs
   const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
   const int64_t idx = point0 + i;
   const A h_im = loc[2 * idx + 1] * static_cast<A>(H) - A(0.5);
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[e] = A(0);
     for (int base = 0; base < n_pts; base += kWarp) {
-      const Point<A> mine = prepare_point(base + lane, n_pts, point0, shapes, starts, loc, attn, n.P);
+      const Point<A> mine = prepare_point(base + lane, n_pts, point0, shapes, starts, loc, attn, static_cast<int>(n.P));
       const int count = min(kWarp, n_pts - base);
       for (int j = 0; j < count; j += groups) {  // uniform across the warp: shuffles stay convergent
         const Point<A> pt = shuffle_point(mine, j + g);
@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     const T* go = grad_out + bqm * n.D;
     const int64_t point0 = bqm * n_pts;
     for (int base = 0; base < n_pts; base += kWarp) {
-      const Point<A> mine = prepare_point(base + lane, n_pts, point0, shapes, starts, loc, attn, n.P);
+      const Point<A> mine = prepare_point(base + lane, n_pts, point0, shapes, starts, loc, attn, static_cast<int>(n.P));
       const int count = min(kWarp, n_pts - base);
       for (int j = 0; j < count; j += groups) {  // uniform across the warp: shuffles stay convergent
         const Point<A> pt = shuffle_point(mine, j + g);

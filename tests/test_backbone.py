@@ -152,3 +152,10 @@ def test_fpn_start_level_and_channel_mapper():
     assert [tuple(o.shape) for o in mapper(feats)] == [(2, 32, 32, 32), (2, 32, 16, 16), (2, 32, 8, 8), (2, 32, 4, 4)]
     with pytest.raises(Bev3dError, match="num_outs"):
         FPN([64, 128], 32, num_outs=1)
+
+
+def test_stages_after_the_last_output_are_frozen():
+    model = ResNet(18, out_indices=[1])
+    assert all(p.requires_grad for p in model.layer2.parameters())
+    assert not any(p.requires_grad for p in model.layer3.parameters())
+    assert not any(p.requires_grad for p in model.layer4.parameters())

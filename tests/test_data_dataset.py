@@ -166,10 +166,10 @@ def test_index_cache_is_used(synth_root, tmp_path):
     shutil.copytree(synth_root / "v1.0-mini", root / "v1.0-mini")
     shutil.copytree(synth_root / "maps", root / "maps")
     first = NuScenesDataset(root, "v1.0-mini", "mini_val")
-    assert first._nusc is not None  # built through the devkit
+    assert not first.from_cache  # built through the devkit
     assert list((root / ".bev3d_cache").glob("*.npz"))
     second = NuScenesDataset(root, "v1.0-mini", "mini_val")
-    assert getattr(second, "_nusc", None) is None  # served from the cache
+    assert second.from_cache and getattr(second, "_nusc", None) is None
     a, b = first.get_info(2), second.get_info(2)
     for key in ("lidar2img", "gt_boxes", "gt_labels", "ego2global"):
         np.testing.assert_array_equal(a[key], b[key])
@@ -177,7 +177,7 @@ def test_index_cache_is_used(synth_root, tmp_path):
     table = root / "v1.0-mini" / "sample_annotation.json"
     table.write_text(table.read_text() + " ")
     third = NuScenesDataset(root, "v1.0-mini", "mini_val")
-    assert third._nusc is not None
+    assert not third.from_cache
 
 
 def test_missing_root_and_table(tmp_path, synth_root):

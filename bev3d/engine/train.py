@@ -92,6 +92,13 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
+def _worker_ignores_stop_signals(worker_id):
+    """DataLoader workers leave Ctrl-C / SIGTERM to the main process, which stops at a step boundary and
+    shuts them down; a worker dying on the signal would abort the step mid-way instead."""
+    for s in _StopRequest.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 class _StopRequest:
     """The first Ctrl-C (SIGINT) or SIGTERM (what torchrun and job schedulers send) only sets a flag, so
     the loop stops at the next step boundary and saves; a second one interrupts at once."""
@@ -220,6 +227,7 @@ class Trainer:
         workers = self.cfg.data.num_workers
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
                           num_workers=workers, collate_fn=self.collate_fn, generator=generator,
+                          worker_init_fn=_worker_ignores_stop_signals if workers > 0 else None,
                           pin_memory=self.device.type == "cuda", persistent_workers=False,
                           prefetch_factor=2 if workers > 0 else None)
 

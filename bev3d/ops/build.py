@@ -1,7 +1,8 @@
 """Compile and load the ms_deform_attn kernels on first use (torch.utils.cpp_extension, cached).
 
 The CPU variant builds csrc/ms_deform_attn_cpu.cpp only, because a CPU torch wheel has no CUDA
-headers; the CUDA variant adds the kernel and its binding when a GPU and CUDA_HOME are present.
+headers; the CUDA variant adds the kernel and its binding when a GPU and CUDA_HOME are present,
+and the CPU variant is the fallback when that build fails.
 The build lands in $TORCH_EXTENSIONS_DIR or ~/.cache/bev3d/, keyed by the torch version, and
 is reused by later processes. BEV3D_NO_EXT=1 disables the compiled kernels.
 """
@@ -18,20 +19,20 @@ CUDA_SOURCES = ("ms_deform_attn_cuda.cpp", "ms_deform_attn_cuda_kernel.cu")
 
 _error = None  # why the build failed, once it has
 _with_cuda = None  # set once loaded
+_cuda_error = None  # why the loaded extension has no CUDA kernel
 
 
 def load_extension(verbose=False):
     """Build (first time) and load the kernels. Returns None on success, else the reason they are unavailable."""
     global _error, _with_cuda
-    if os.environ.get("BEV3D_NO_EXT", "") not in ("", "0"):
+    if _disabled():
         return "BEV3D_NO_EXT is set"
     if _with_cuda is not None or _error is not None:
         return _error
     try:
         with_cuda = _build_and_load(verbose)
     except Exception as exc:  # a compiler error, a missing toolchain, a linker error: all mean "no kernel"
-        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-        _error = f"building the C++ extension failed ({type(exc).__name__}: {lines[-1] if lines else ''})"
+        _error = f"building the C++ extension failed ({_last_line(exc)})"
         return _error
     from bev3d.ops.deform_attn import register_op_impls
 
@@ -40,11 +41,15 @@ def load_extension(verbose=False):
     return None
 
 
+def _disabled():
+    return os.environ.get("BEV3D_NO_EXT", "") not in ("", "0")
+
+
 def unavailable_reason(device):
     """None when the compiled kernel for `device` ("cpu" or "cuda") is loaded, else why not."""
     reason = load_extension()
     if reason is None and device == "cuda" and not _with_cuda:
-        reason = "the extension was built without CUDA (no GPU or no CUDA_HOME when it was built)"
+        reason = _cuda_error
     return reason
 
 
@@ -55,11 +60,27 @@ def build_directory():
 
 
 def _build_and_load(verbose):
+    """Load the CUDA variant when it can be built, else the CPU one; returns whether CUDA is in."""
+    global _cuda_error
     from torch.utils import cpp_extension
 
-    with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
-    sources = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
-    name = "bev3d_ops_cuda" if with_cuda else "bev3d_ops_cpu"
+    if not torch.cuda.is_available():
+        _cuda_error = "no CUDA GPU when the extension was built"
+    elif cpp_extension.CUDA_HOME is None:
+        _cuda_error = "no CUDA toolkit (CUDA_HOME) when the extension was built"
+    else:
+        try:
+            _load("bev3d_ops_cuda", CPU_SOURCES + CUDA_SOURCES, verbose)
+            return True
+        except Exception as exc:  # keep the CPU kernel even when nvcc fails
+            _cuda_error = f"building the CUDA kernel failed ({_last_line(exc)})"
+    _load("bev3d_ops_cpu", CPU_SOURCES, verbose)
+    return False
+
+
+def _load(name, sources, verbose):
+    from torch.utils import cpp_extension
+
     build_dir = build_directory() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
@@ -69,20 +90,27 @@ def _build_and_load(verbose):
         extra_ldflags=["-fopenmp"],
         extra_cuda_cflags=["-O3", "-lineinfo"],
         build_directory=str(build_dir),
-        with_cuda=with_cuda,
+        with_cuda=name.endswith("cuda"),
         is_python_module=False,
         verbose=verbose,
     )
-    return with_cuda
+
+
+def _last_line(exc):
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"
 
 
 def main(args):
     """`bev3d build-ops`: compile the kernels ahead of time and report what was built."""
+    if _disabled():
+        print("bev3d build-ops: nothing to do, BEV3D_NO_EXT is set (ms_deform_attn uses the PyTorch reference).")
+        return 0
     reason = load_extension(verbose=getattr(args, "verbose", False))
     if reason is not None:
         print(f"bev3d build-ops: compiled kernels unavailable: {reason}. "
               f"Rerun with --verbose for the compiler output; ms_deform_attn will use the PyTorch reference.")
         return 1
-    variant = "CPU + CUDA" if _with_cuda else "CPU only"
+    variant = "CPU + CUDA" if _with_cuda else f"CPU only: {_cuda_error}"
     print(f"bev3d build-ops: ms_deform_attn kernels ready ({variant}) in {build_directory()}")
     return 0

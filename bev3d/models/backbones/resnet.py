@@ -135,6 +135,9 @@ class ResNet(nn.Module):
     def _freeze_stages(self):
         modules = ([self.conv1, self.bn1] if self.frozen_stages >= 0 else [])
         modules += [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
+        # Stages after the last output never run (forward stops there): frozen too, so that DDP does not
+        # wait for gradients they cannot get. They stay in the state dict for checkpoint compatibility.
+        modules += [getattr(self, f"layer{i}") for i in range(max(self.out_indices) + 2, 5)]
         for m in modules:
             m.eval()
             for p in m.parameters():
