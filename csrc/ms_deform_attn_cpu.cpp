@@ -147,11 +147,13 @@ inline T dot(const T* __restrict__ x, const T* __restrict__ y, int64_t n) {
 // Runs body(task) for each task in [0, n_tasks) on ATen's threads, which take tasks one at a time
 // from a shared counter: on a loaded machine a descheduled thread then does fewer tasks instead of
 // holding up the others, as a static split would. The counter only schedules; every task writes
-// its own outputs, so results do not depend on which thread ran what.
+// its own outputs, so results do not depend on which thread ran what. Below about 100 us of work
+// (`flops` in all) it runs inline: a parallel region would cost more, and far more on a busy machine.
 template <typename F>
-void for_each_task(int64_t n_tasks, const F& body) {
+void for_each_task(int64_t n_tasks, int64_t flops, const F& body) {
+  const int64_t workers = flops < (int64_t(1) << 18) ? 1 : std::min<int64_t>(n_tasks, at::get_num_threads());
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(n_tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t task = next++; task < n_tasks; task = next++) body(task);
   });
 }
@@ -164,7 +166,7 @@ void forward_cpu(const T* value, const int64_t* shapes, const int64_t* starts, c
   const int64_t runs = std::max<int64_t>(1, std::min(n.Q, (4 * at::get_num_threads() + n.B * n.M - 1) /
                                                               std::max<int64_t>(1, n.B * n.M)));
   const int64_t run_len = (n.Q + runs - 1) / runs;
-  for_each_task(n.B * n.M * runs, [&](int64_t task) {
+  for_each_task(n.B * n.M * runs, 8 * n.B * n.M * n.Q * n.L * n.P * n.D, [&](int64_t task) {
     thread_local Scratch scratch;
     const int64_t bm = task / runs, b = bm / n.M, m = bm % n.M;
     const int64_t q_begin = task % runs * run_len, q_end = std::min(n.Q, q_begin + run_len);
@@ -201,7 +203,7 @@ void backward_cpu(const T* grad_out, const T* value, const int64_t* shapes, cons
                   const T* attn, T* grad_value, T* grad_loc, T* grad_attn, const MsdaSizes& n) {
   const bool gather = gather_pays(n, n.Q);
   const int64_t gv_stride = n.M * n.D;
-  for_each_task(n.B * n.M, [&](int64_t bm) {
+  for_each_task(n.B * n.M, n.B * n.M * (16 * n.Q * n.L * n.P + n.S) * n.D, [&](int64_t bm) {
     thread_local Scratch scratch;
     const int64_t b = bm / n.M, m = bm % n.M;
     int64_t stride;

@@ -11,6 +11,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -36,7 +37,7 @@ def _batch(B, H, W, device, num_classes, g):
             "orig_size": [(H, W)] * B}
 
 
-def _time(fn, device, warmup, iters):
+def _time(name, fn, device, warmup, iters):
     for _ in range(warmup):
         fn()
     times = []
@@ -46,6 +47,7 @@ def _time(fn, device, warmup, iters):
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
+        print(f"{name}: {times[-1]:.3f} s", file=sys.stderr, flush=True)
     return times
 
 
@@ -79,8 +81,8 @@ def main():
         sum(v for k, v in losses.items() if "loss" in k).backward()
         opt.step()
 
-    fwd = _time(forward, device, args.warmup, args.iters)
-    step = _time(train_step, device, args.warmup, args.iters)
+    fwd = _time("forward", forward, device, args.warmup, args.iters)
+    step = _time("train step", train_step, device, args.warmup, args.iters)
     result = {
         "config": args.cfg, "opts": args.opts, "input_hw": [H, W], "batch": args.batch, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),

@@ -131,8 +131,8 @@ def main(argv=None):
         for row in bench_shape(name, backends, args.device, dtype, repeat):
             rows.append(row)
             mem = "-" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.0f}"
-            print(f"{name:<11} {row['backend']:<10} {row['forward_ms']:9.2f} {row['forward_backward_ms']:11.2f} {mem:>8} "
-                  f"{row['max_abs_err']:11.2e}", flush=True)
+            print(f"{name:<11} {row['backend']:<10} {row['forward_ms']:9.2f} {row['forward_backward_ms']:11.2f} "
+                  f"{mem:>8} {row['max_abs_err']:11.2e}", flush=True)
     for name in shapes:
         by = {r["backend"]: r for r in rows if r["shape"] == name}
         for other in ("reference", "peer"):

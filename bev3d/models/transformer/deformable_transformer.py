@@ -24,7 +24,8 @@ class MSDeformAttn(nn.Module):
         super().__init__()
         if embed_dims % num_heads:
             raise ValueError(f"embed_dims {embed_dims} must be divisible by num_heads {num_heads}")
-        self.embed_dims, self.num_levels, self.num_heads, self.num_points = embed_dims, num_levels, num_heads, num_points
+        self.embed_dims, self.num_levels = embed_dims, num_levels
+        self.num_heads, self.num_points = num_heads, num_points
         self.backend = backend
         self.sampling_offsets = nn.Linear(embed_dims, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(embed_dims, num_heads * num_levels * num_points)
@@ -274,7 +275,8 @@ class DeformableTransformer(nn.Module):
             topk = objectness.topk(min(self.num_proposals, objectness.shape[1]), dim=1)[1]  # (B, K)
             coords = torch.gather(enc_coord_unact, 1, topk[..., None].expand(-1, -1, 4)).detach()
             reference_points = coords.sigmoid()
-            query_pos, tgt = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(reference_points, C // 2))).split(C, -1)
+            embed = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(reference_points, C // 2)))  # (B, K, 2C)
+            query_pos, tgt = embed.split(C, -1)
             enc_outputs = {"pred_logits": enc_logits, "pred_boxes": enc_coord_unact.sigmoid()}
         else:
             query_pos, tgt = query_embed.split(C, dim=1)  # (Q, C) each
