@@ -50,16 +50,19 @@ def _sync(device):
 
 
 def _time(fn, device, repeats, warmup=1):
+    """Median wall seconds and median process CPU seconds of `fn` (CPU time is the steadier figure
+    on a shared machine)."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return float(np.median(wall)), float(np.median(cpu))
 
 
 def bench_model(name, device, dtype, batch_size, repeats):
@@ -87,12 +90,14 @@ def bench_model(name, device, dtype, batch_size, repeats):
     model.eval()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    out["forward_ms_per_sample"] = 1e3 * _time(forward, device, repeats) / batch_size
+    wall, cpu = _time(forward, device, repeats)
+    out["forward_ms_per_sample"], out["forward_cpu_ms_per_sample"] = 1e3 * wall / batch_size, 1e3 * cpu / batch_size
     if device.type == "cuda":
         out["forward_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    out["train_step_ms_per_sample"] = 1e3 * _time(train_step, device, repeats) / batch_size
+    wall, cpu = _time(train_step, device, repeats)
+    out["train_step_ms_per_sample"], out["train_step_cpu_ms_per_sample"] = 1e3 * wall / batch_size, 1e3 * cpu / batch_size
     if device.type == "cuda":
         out["train_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -113,8 +118,9 @@ def bench_samplers(device, repeats):
         for sampler in SAMPLERS:
             def step():
                 sample_multiview(feats, locations, weights, sampler).sum().backward()
-            results.append({"shape": tag, "sampler": sampler, "device": device.type,
-                            "fwd_bwd_ms": 1e3 * _time(step, device, repeats)})
+            wall, cpu = _time(step, device, repeats)
+            results.append({"shape": tag, "sampler": sampler, "device": device.type, "fwd_bwd_ms": 1e3 * wall,
+                            "fwd_bwd_cpu_ms": 1e3 * cpu})
     return results
 
 
@@ -126,9 +132,12 @@ def main():
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-samplers", action="store_true", help="skip the sampler comparison")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="bench_heads.json")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = {"torch": torch.__version__, "host": platform.node(), "threads": torch.get_num_threads(),
               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "models": [], "samplers": []}
     for name in args.configs:
@@ -137,11 +146,14 @@ def main():
             report["models"].append(r)
             mem = f"  peak {r['train_peak_mem_gb']:.2f} GB" if "train_peak_mem_gb" in r else ""
             print(f"{name:18s} {dtype:5s} {r['params_m']:6.2f} M params  forward {r['forward_ms_per_sample']:8.1f} "
-                  f"ms/sample  train step {r['train_step_ms_per_sample']:8.1f} ms/sample{mem}", flush=True)
+                  f"ms/sample (cpu {r['forward_cpu_ms_per_sample']:.1f})  train step "
+                  f"{r['train_step_ms_per_sample']:8.1f} ms/sample (cpu {r['train_step_cpu_ms_per_sample']:.1f}){mem}",
+                  flush=True)
     if not args.no_samplers:
         for r in bench_samplers(device, args.repeats):
             report["samplers"].append(r)
-            print(f"sampler {r['shape']:14s} {r['sampler']:15s} fwd+bwd {r['fwd_bwd_ms']:8.1f} ms", flush=True)
+            print(f"sampler {r['shape']:14s} {r['sampler']:15s} fwd+bwd {r['fwd_bwd_ms']:8.1f} ms "
+                  f"(cpu {r['fwd_bwd_cpu_ms']:.1f})", flush=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {args.out}")

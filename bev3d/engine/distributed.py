@@ -62,7 +62,7 @@ def reduce_mean(scalars, device):
     """Mean over ranks of a dict of python floats."""
     if not is_distributed() or not scalars:
         return dict(scalars)
-    keys = sorted(scalars)
+    keys = list(scalars)  # same insertion order on every rank (same model, same code)
     t = torch.tensor([scalars[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, (t / get_world_size()).tolist()))

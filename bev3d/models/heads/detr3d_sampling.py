@@ -22,7 +22,9 @@ def project_to_cameras(points, lidar2img, img_shape, pad_shape, eps=1e-5):
     Returns locations (B, N, Q, 2) as (x, y) fractions of the padded image (what every level's map
     covers) and visible (B, N, Q): in front of the camera and inside the valid (unpadded) image.
     """
-    uv, depth = project_points(points[:, None], lidar2img, eps=eps)  # (B, N, Q, 2), (B, N, Q)
+    # float32 even under autocast: in bf16 a 1600-pixel-wide image would be off by up to ~6 pixels.
+    with torch.autocast(points.device.type, enabled=False):
+        uv, depth = project_points(points[:, None].float(), lidar2img.float(), eps=eps)  # (B, N, Q, 2), (B, N, Q)
     valid_wh = img_shape.flip(-1).to(uv)[:, None, None, :]  # (B, 1, 1, 2) as (W, H)
     visible = (depth > eps) & ((uv > 0) & (uv < valid_wh)).all(-1)
     pad_wh = uv.new_tensor([pad_shape[1], pad_shape[0]])
@@ -67,4 +69,6 @@ def _ms_deform_attn(feats, locations, weights):
     loc = locations.permute(0, 2, 1, 3)[:, :, None, :, None, :].expand(B, Q, 1, N, L, 2)
     loc = loc.reshape(B, Q, 1, N * L, 1, 2)
     attn = weights.reshape(B, Q, 1, N * L, 1)
-    return ms_deform_attn(value, shapes, start, loc.to(value.dtype), attn.to(value.dtype))
+    if value.dtype not in (torch.float16, torch.bfloat16):  # half values keep float32 locations (precision)
+        loc = loc.to(value.dtype)
+    return ms_deform_attn(value, shapes, start, loc, attn.to(value.dtype))

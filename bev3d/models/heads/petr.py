@@ -65,9 +65,10 @@ class PETRHead(nn.Module):
         vv, uu, dd = torch.meshgrid(v, u, self.depths, indexing="ij")  # (H, W, D) each
         frustum = torch.stack([uu * dd, vv * dd, dd], -1).view(1, 1, H * W * D, 3)  # image coords times depth
         # float64 inverse: lidar2img mixes focal lengths (~1e3) with rotations, float32 loses millimetres.
-        img2lidar = torch.linalg.inv(lidar2img.double()).to(lidar2img.dtype)
-        points = transform_points(frustum, img2lidar)  # (B, N, H*W*D, 3) LiDAR
-        points = inverse_sigmoid(normalize_points(points, self.position_range))
+        img2lidar = torch.linalg.inv(lidar2img.double()).float()
+        with torch.autocast(lidar2img.device.type, enabled=False):  # geometry stays float32 under AMP
+            points = transform_points(frustum.float(), img2lidar)  # (B, N, H*W*D, 3) LiDAR
+            points = inverse_sigmoid(normalize_points(points, self.position_range))
         return points.view(B * N, H, W, D * 3).permute(0, 3, 1, 2)
 
     def forward(self, feats, lidar2img, img_shape, pad_shape):
