@@ -108,6 +108,14 @@ def bench_shape(name, backends, device, dtype, repeat, warmup=1):
     return rows
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -139,7 +147,7 @@ def main(argv=None):
             if other in by and args.device in by and other != args.device:
                 s = by[other]["forward_backward_ms"] / by[args.device]["forward_backward_ms"]
                 print(f"{name}: {args.device} kernel fwd+bwd is {s:.1f}x faster than {other}")
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     report = {"device": args.device, "device_name": device_name, "threads": args.threads, "torch": torch.__version__,
               "repeat": repeat, "results": rows}
     if args.out:
