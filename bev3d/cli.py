@@ -138,9 +138,6 @@ COMMANDS = {
     "build-ops": "bev3d.ops.build",
 }
 
-# Subcommands whose issue has not landed yet.
-NOT_AVAILABLE = {"build-ops"}
-
 
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -178,8 +175,6 @@ def main(argv=None):
     try:
         if args.command == "train" and args.dry_run:
             return _dry_run(args)
-        if args.command in NOT_AVAILABLE:
-            raise Bev3dError(f"bev3d {args.command} is not available yet in this version.")
         module = importlib.import_module(COMMANDS[args.command])
         return module.main(args) or 0
     except Bev3dError as e:

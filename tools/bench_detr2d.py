@@ -20,6 +20,14 @@ from bev3d.config import load_config
 from bev3d.models import build_model
 
 
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -90,7 +98,7 @@ def main():
         runs["train_step"] = _time("train step", train_step, device, args.warmup, args.iters)
     result = {
         "config": args.cfg, "opts": args.opts, "input_hw": [H, W], "batch": args.batch, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "params_trainable_m": sum(q.numel() for q in model.parameters() if q.requires_grad) / 1e6,
     }

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# bev3d/csrc links to the top-level csrc/ so that installed wheels carry the kernel sources too.
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CPU_SOURCES = ("ms_deform_attn_cpu.cpp",)
 CUDA_SOURCES = ("ms_deform_attn_cuda.cpp", "ms_deform_attn_cuda_kernel.cu")
 
