@@ -29,8 +29,19 @@ def _add_synth(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-scenes", type=int, default=None, help="number of mini_train scenes (at most 8)")
     p.add_argument("--samples-per-scene", type=int, default=None)
-    p.add_argument("--image-size", default="1600x900", help="WIDTHxHEIGHT; intrinsics are scaled to match")
+    p.add_argument("--image-size", type=_image_size, default=None,
+                   help="WIDTHxHEIGHT (default 1600x900 for nuscenes, intrinsics scaled to match; 128x128 for shapes2d)")
     p.add_argument("--num-images", type=int, default=None, help="shapes2d only: number of images")
+
+
+def _image_size(text):
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must look like WIDTHxHEIGHT (e.g. 1600x900), got {text!r}") from None
+    if width < 32 or height < 32:
+        raise argparse.ArgumentTypeError(f"{text} is too small: use at least 32x32")
+    return width, height
 
 
 def _add_train(sub):

@@ -1,7 +1,5 @@
 """The synthetic rig, checked through the real devkit."""
 
-import argparse
-
 import cv2
 import numpy as np
 import pytest
@@ -145,8 +143,9 @@ def test_bad_arguments(tmp_path, kwargs):
         synthetic.write_synthetic_nuscenes(tmp_path, **kwargs)
 
 
-def test_cli_rejects_bad_size(tmp_path):
-    args = argparse.Namespace(out=str(tmp_path), kind="nuscenes", seed=0, train_scenes=1, samples_per_scene=2,
-                              image_size="big")
-    with pytest.raises(Bev3dError, match="WIDTHxHEIGHT"):
-        synthetic.main(args)
+def test_cli_rejects_bad_size(tmp_path, capsys):
+    from bev3d.cli import main as cli_main
+
+    assert cli_main(["synth", "--out", str(tmp_path), "--image-size", "big"]) == 2
+    assert "WIDTHxHEIGHT" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
