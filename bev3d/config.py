@@ -113,6 +113,7 @@ class PETRHeadConfig:
     depth_start: float = 1.0
     position_range: list[float] = field(default_factory=lambda: [-61.2, -61.2, -10.0, 61.2, 61.2, 10.0])
     with_2d_pe: bool = True
+    query_content: bool = False  # learned per-query decoder content instead of zeros (helps from-scratch training)
 
 
 @dataclass

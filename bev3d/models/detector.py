@@ -50,6 +50,7 @@ def build_head(cfg):
     if cfg.type == "petr":
         return PETRHead(in_channels, h.num_classes, cfg.pc_range, in_level=h.in_level, depth_num=h.depth_num,
                         depth_start=h.depth_start, position_range=h.position_range, with_2d_pe=h.with_2d_pe,
+                        query_content=h.query_content,
                         **common)
     return DETR3DHead(h.num_classes, cfg.pc_range, num_levels=h.num_levels,
                       with_box_refine=h.with_box_refine, sampler=h.sampler, **common)

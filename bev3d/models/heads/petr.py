@@ -34,7 +34,7 @@ def padding_mask(img_shape, pad_shape, feat_hw):
 class PETRHead(nn.Module):
     def __init__(self, in_channels, num_classes, pc_range, num_queries=900, embed_dims=256, num_heads=8,
                  num_decoder_layers=6, ffn_dims=2048, dropout=0.1, in_level=0, depth_num=64, depth_start=1.0,
-                 position_range=(-61.2, -61.2, -10.0, 61.2, 61.2, 10.0), with_2d_pe=True):
+                 position_range=(-61.2, -61.2, -10.0, 61.2, 61.2, 10.0), with_2d_pe=True, query_content=False):
         super().__init__()
         self.in_level, self.pc_range, self.position_range = in_level, list(pc_range), list(position_range)
         self.register_buffer("depths", depth_bins(depth_num, depth_start, position_range[3]), persistent=False)
@@ -48,6 +48,10 @@ class PETRHead(nn.Module):
                 nn.Conv2d(embed_dims, embed_dims, 1), nn.ReLU(inplace=True), nn.Conv2d(embed_dims, embed_dims, 1))
         self.reference_points = nn.Embedding(num_queries, 3)
         nn.init.uniform_(self.reference_points.weight, 0, 1)
+        # Official PETR starts the decoder from zero content. Trained from scratch (no pretrained backbone),
+        # every query then reads the same near-uniform global average in the first layer and the class loss
+        # stalls on the all-queries-alike plateau; a learned per-query content makes them separable at once.
+        self.query_content = nn.Embedding(num_queries, embed_dims) if query_content else None
         self.query_embedding = nn.Sequential(
             nn.Linear(embed_dims * 3 // 2, embed_dims), nn.ReLU(inplace=True), nn.Linear(embed_dims, embed_dims))
         self.decoder = TransformerDecoder(num_decoder_layers, embed_dims, num_heads=num_heads, ffn_dims=ffn_dims,
@@ -89,6 +93,10 @@ class PETRHead(nn.Module):
 
         reference = self.reference_points.weight[None].expand(B, -1, -1)  # (B, Q, 3) fractions of pc_range
         query_pos = self.query_embedding(sine_embed_points(reference, C // 2))
-        hidden = self.decoder(torch.zeros_like(query_pos), memory, query_pos, pos, mask.reshape(B, N * H * W))
+        if self.query_content is None:
+            content = torch.zeros_like(query_pos)
+        else:
+            content = self.query_content.weight[None].expand(B, -1, -1)  # (B, Q, C)
+        hidden = self.decoder(content, memory, query_pos, pos, mask.reshape(B, N * H * W))
         outs = [self.branches(i, h, reference)[:2] for i, h in enumerate(hidden)]
         return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
