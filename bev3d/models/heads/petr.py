@@ -22,12 +22,18 @@ def depth_bins(depth_num, depth_start, depth_max):
     return depth_start + (depth_max - depth_start) * i * (i + 1) / (depth_num * (depth_num + 1))
 
 
+def cell_centres(feat_hw, pad_shape, device):
+    """Pixel coordinates (v (H_f,), u (W_f,)) of the feature cells' centres in the padded image."""
+    H, W = feat_hw
+    v = (torch.arange(H, device=device) + 0.5) * (pad_shape[0] / H)
+    u = (torch.arange(W, device=device) + 0.5) * (pad_shape[1] / W)
+    return v, u
+
+
 def padding_mask(img_shape, pad_shape, feat_hw):
     """img_shape (B, 2) valid (H, W), pad_shape (H_pad, W_pad) -> (B, H_f, W_f) True where a feature
     cell's centre lies in the padding."""
-    H, W = feat_hw
-    v = (torch.arange(H, device=img_shape.device) + 0.5) * (pad_shape[0] / H)  # cell centres, pixels
-    u = (torch.arange(W, device=img_shape.device) + 0.5) * (pad_shape[1] / W)
+    v, u = cell_centres(feat_hw, pad_shape, img_shape.device)
     return (v[None, :, None] >= img_shape[:, 0, None, None]) | (u[None, None, :] >= img_shape[:, 1, None, None])
 
 
@@ -64,8 +70,7 @@ class PETRHead(nn.Module):
         H, W = feat_hw
         B, N = lidar2img.shape[:2]
         D = self.depths.numel()
-        v = (torch.arange(H, device=lidar2img.device) + 0.5) * (pad_shape[0] / H)
-        u = (torch.arange(W, device=lidar2img.device) + 0.5) * (pad_shape[1] / W)
+        v, u = cell_centres(feat_hw, pad_shape, lidar2img.device)
         vv, uu, dd = torch.meshgrid(v, u, self.depths, indexing="ij")  # (H, W, D) each
         frustum = torch.stack([uu * dd, vv * dd, dd], -1).view(1, 1, H * W * D, 3)  # image coords times depth
         # float64 inverse: lidar2img mixes focal lengths (~1e3) with rotations, float32 loses millimetres.
