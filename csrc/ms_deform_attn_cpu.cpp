@@ -11,6 +11,13 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -73,12 +80,58 @@ inline void* alloc_huge(size_t bytes) {
   return p;
 }
 
-// An uninitialised output tensor; from 4 MiB up it lives in huge pages (see alloc_huge). Like
+// Freed output buffers kept for the next call of the same size. Training allocates the same
+// multi-MB grad_value every step, and first-touch page faults on a fresh one cost more than the
+// whole scatter into it; like PyTorch's CUDA caching allocator, this pays them once.
+class BufferPool {
+ public:
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (size_t k = 0; k < free_.size(); ++k) {
+        if (free_[k].first == bytes) {
+          void* p = free_[k].second;
+          free_.erase(free_.begin() + k);
+          cached_ -= bytes;
+          return p;
+        }
+      }
+    }
+    return alloc_huge(bytes);
+  }
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_ + bytes <= kMaxCached) {
+        free_.emplace_back(bytes, p);
+        cached_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+ private:
+  static constexpr size_t kMaxCached = size_t(256) << 20;
+  std::mutex mutex_;
+  std::vector<std::pair<size_t, void*>> free_;
+  size_t cached_ = 0;
+};
+
+// Never destroyed: tensors holding its buffers may outlive static destruction.
+BufferPool& output_pool() {
+  static BufferPool* pool = new BufferPool;
+  return *pool;
+}
+
+// An uninitialised output tensor; from 4 MiB up it comes from output_pool, in huge pages. Like
 // at::empty it is NaN-filled under torch.use_deterministic_algorithms(True), which tests rely on.
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
   if (bytes < 2 * kHugePage) return at::empty(sizes, options);
-  at::Tensor t = at::from_blob(alloc_huge(bytes), sizes, [](void* p) { std::free(p); }, options);
+  const size_t capacity = round_to_huge_pages(bytes);
+  at::Tensor t = at::from_blob(output_pool().take(capacity), sizes,
+                               [capacity](void* p) { output_pool().give(p, capacity); }, options);
   const auto& ctx = at::globalContext();
   if (ctx.deterministicAlgorithms() && ctx.deterministicFillUninitializedMemory()) t.fill_(NAN);
   return t;
@@ -103,22 +156,26 @@ class Scratch {
   size_t capacity_ = 0;
 };
 
-// Whether to copy one head's map, value[b, :, m, :], into a dense huge-page buffer before sampling
-// it: the strided slice spans M times more 4 KiB pages, and random reads across them miss the TLB.
-// The copy pays off once the head reads about as many corner rows as the map has.
-inline bool gather_pays(const MsdaSizes& n, int64_t queries) { return 4 * queries * n.L * n.P >= n.S; }
-
-// The rows value[b, :, m, :] of one head as a pointer and a row stride, copied into `scratch` when that pays.
+// dst[s * stride + d] = src[s * row + d]: one head's grad written into the (S, M, D) grad_value.
+// Non-temporal stores when rows are whole 16-byte vectors: nothing reads grad_value soon, and
+// they skip reading every destination cache line first, which halves the memory traffic.
 template <typename T>
-inline const T* head_map(const T* value, int64_t b, int64_t m, const MsdaSizes& n, bool gather, Scratch& scratch,
-                         int64_t& stride) {
-  const T* src = value + (b * n.S * n.M + m) * n.D;
-  stride = n.M * n.D;
-  if (!gather) return src;
-  T* dst = static_cast<T*>(scratch.get(sizeof(T) * n.S * n.D));
-  for (int64_t s = 0; s < n.S; ++s) std::copy(src + s * stride, src + s * stride + n.D, dst + s * n.D);
-  stride = n.D;
-  return dst;
+inline void store_rows(T* dst, int64_t stride, const T* src, int64_t rows, int64_t row) {
+#if defined(__SSE2__)
+  const bool aligned = reinterpret_cast<uintptr_t>(dst) % 16 == 0 && (stride * sizeof(T)) % 16 == 0 &&
+                       (row * sizeof(T)) % 16 == 0;
+  if (aligned) {
+    const int64_t vectors = row * sizeof(T) / 16;
+    for (int64_t s = 0; s < rows; ++s) {
+      __m128i* d = reinterpret_cast<__m128i*>(dst + s * stride);
+      const __m128i* x = reinterpret_cast<const __m128i*>(src + s * row);
+      for (int64_t k = 0; k < vectors; ++k) _mm_stream_si128(d + k, _mm_loadu_si128(x + k));
+    }
+    _mm_sfence();
+    return;
+  }
+#endif
+  for (int64_t s = 0; s < rows; ++s) std::copy(src + s * row, src + (s + 1) * row, dst + s * stride);
 }
 
 template <typename T>
@@ -158,6 +215,48 @@ void for_each_task(int64_t n_tasks, int64_t flops, const F& body) {
   });
 }
 
+// The corners of the L*P sampling points of one (b, q, m) into c[0 .. L*P), prefetching the rows they
+// read in `map` and, when given, write in `grad`. The rows are scattered over maps larger than L2, and
+// the kernels prepare query q + 1 before they use query q: the misses of a whole query are then in
+// flight together instead of one point's at a time.
+template <typename T>
+void prepare_query(const T* loc, int64_t bqm, const int64_t* shapes, const int64_t* starts, const MsdaSizes& n,
+                   const T* map, int64_t stride, const T* grad, Corners<T>* c) {
+  constexpr int64_t line = 64 / sizeof(T);
+  for (int64_t l = 0; l < n.L; ++l) {
+    for (int64_t p = 0; p < n.P; ++p) {
+      const int64_t i = (bqm * n.L + l) * n.P + p;
+      Corners<T>& ci = c[l * n.P + p];
+      ci = corners_of(loc[2 * i], loc[2 * i + 1], shapes[2 * l], shapes[2 * l + 1], starts[l]);
+      if (!ci.any) continue;
+      for (int k = 0; k < 4; ++k) {
+        if (ci.row[k] < 0) continue;
+        for (int64_t d = 0; d < n.D; d += line) {
+          __builtin_prefetch(map + ci.row[k] * stride + d);
+          if (grad != nullptr) __builtin_prefetch(grad + ci.row[k] * n.D + d, 1);
+        }
+      }
+    }
+  }
+}
+
+// The corners of the queries in flight: query q's sit in slot q % kSlots, and query q + kSlots - 1 is
+// prepared (see prepare_query) just before query q is used.
+template <typename T>
+class CornerRing {
+ public:
+  static constexpr int64_t kSlots = 2;
+  void reset(int64_t points) {
+    points_ = points;
+    ring_.resize(kSlots * points);
+  }
+  Corners<T>* slot(int64_t q) { return ring_.data() + q % kSlots * points_; }
+
+ private:
+  int64_t points_ = 0;
+  std::vector<Corners<T>> ring_;
+};
+
 template <typename T>
 void forward_cpu(const T* value, const int64_t* shapes, const int64_t* starts, const T* loc, const T* attn, T* out,
                  const MsdaSizes& n) {
@@ -166,31 +265,36 @@ void forward_cpu(const T* value, const int64_t* shapes, const int64_t* starts, c
   const int64_t runs = std::max<int64_t>(1, std::min(n.Q, (4 * at::get_num_threads() + n.B * n.M - 1) /
                                                               std::max<int64_t>(1, n.B * n.M)));
   const int64_t run_len = (n.Q + runs - 1) / runs;
+  const int64_t stride = n.M * n.D;  // between positions s of one head in value
   for_each_task(n.B * n.M * runs, 8 * n.B * n.M * n.Q * n.L * n.P * n.D, [&](int64_t task) {
-    thread_local Scratch scratch;
+    thread_local CornerRing<T> corners;
     const int64_t bm = task / runs, b = bm / n.M, m = bm % n.M;
     const int64_t q_begin = task % runs * run_len, q_end = std::min(n.Q, q_begin + run_len);
     if (q_begin >= q_end) return;
-    int64_t stride;
-    const T* v = head_map(value, b, m, n, gather_pays(n, q_end - q_begin), scratch, stride);
+    const T* v = value + (b * n.S * n.M + m) * n.D;  // position s at v + s * stride
+    const auto prepare = [&](int64_t q) {
+      prepare_query(loc, (b * n.Q + q) * n.M + m, shapes, starts, n, v, stride, static_cast<T*>(nullptr),
+                    corners.slot(q));
+    };
+    corners.reset(n.L * n.P);
+    for (int64_t q = q_begin; q < std::min(q_end, q_begin + corners.kSlots - 1); ++q) prepare(q);
     for (int64_t q = q_begin; q < q_end; ++q) {
+      if (q + corners.kSlots - 1 < q_end) prepare(q + corners.kSlots - 1);
       const int64_t bqm = (b * n.Q + q) * n.M + m;
       T* o = out + bqm * n.D;  // (D,)
       std::fill(o, o + n.D, T(0));
-      for (int64_t l = 0; l < n.L; ++l) {
-        for (int64_t p = 0; p < n.P; ++p) {
-          const int64_t i = (bqm * n.L + l) * n.P + p;
-          const Corners<T> c = corners_of(loc[2 * i], loc[2 * i + 1], shapes[2 * l], shapes[2 * l + 1], starts[l]);
-          if (!c.any) continue;
-          const T a = attn[i];
-          const T w[4] = {a * c.weight[0], a * c.weight[1], a * c.weight[2], a * c.weight[3]};
-          if (c.row[0] >= 0 && c.row[3] >= 0) {  // opposite corners inside -> all four are
-            axpy4(o, w, v + c.row[0] * stride, v + c.row[1] * stride, v + c.row[2] * stride, v + c.row[3] * stride,
-                  n.D);
-          } else {
-            for (int k = 0; k < 4; ++k) {
-              if (c.row[k] >= 0) axpy(o, w[k], v + c.row[k] * stride, n.D);
-            }
+      const Corners<T>* query_corners = corners.slot(q);
+      for (int64_t j = 0; j < n.L * n.P; ++j) {
+        const Corners<T>& c = query_corners[j];
+        if (!c.any) continue;
+        const T a = attn[bqm * n.L * n.P + j];
+        const T w[4] = {a * c.weight[0], a * c.weight[1], a * c.weight[2], a * c.weight[3]};
+        if (c.row[0] >= 0 && c.row[3] >= 0) {  // opposite corners inside -> all four are
+          axpy4(o, w, v + c.row[0] * stride, v + c.row[1] * stride, v + c.row[2] * stride, v + c.row[3] * stride,
+                n.D);
+        } else {
+          for (int k = 0; k < 4; ++k) {
+            if (c.row[k] >= 0) axpy(o, w[k], v + c.row[k] * stride, n.D);
           }
         }
       }
@@ -201,23 +305,31 @@ void forward_cpu(const T* value, const int64_t* shapes, const int64_t* starts, c
 template <typename T>
 void backward_cpu(const T* grad_out, const T* value, const int64_t* shapes, const int64_t* starts, const T* loc,
                   const T* attn, T* grad_value, T* grad_loc, T* grad_attn, const MsdaSizes& n) {
-  const bool gather = gather_pays(n, n.Q);
-  const int64_t gv_stride = n.M * n.D;
+  const int64_t stride = n.M * n.D;  // between positions s of one head in value and grad_value
   for_each_task(n.B * n.M, n.B * n.M * (16 * n.Q * n.L * n.P + n.S) * n.D, [&](int64_t bm) {
-    thread_local Scratch scratch;
+    thread_local Scratch accumulator;
+    thread_local CornerRing<T> corners;
     const int64_t b = bm / n.M, m = bm % n.M;
-    int64_t stride;
-    const T* v = head_map(value, b, m, n, gather, scratch, stride);
-    T* gv = grad_value + (b * n.S * n.M + m) * n.D;  // position s at gv + s * gv_stride
-    for (int64_t s = 0; s < n.S; ++s) std::fill(gv + s * gv_stride, gv + s * gv_stride + n.D, T(0));
+    const T* v = value + (b * n.S * n.M + m) * n.D;  // position s at v + s * stride
+    // grad of this head's map, dense (S, D): the scatter stays within a few MB of cache instead of
+    // striding over all heads' rows, and grad_value is then written once, in order.
+    T* acc = static_cast<T*>(accumulator.get(sizeof(T) * n.S * n.D));
+    std::fill(acc, acc + n.S * n.D, T(0));
+    const auto prepare = [&](int64_t q) {
+      prepare_query(loc, (b * n.Q + q) * n.M + m, shapes, starts, n, v, stride, acc, corners.slot(q));
+    };
+    corners.reset(n.L * n.P);
+    for (int64_t q = 0; q < std::min(n.Q, corners.kSlots - 1); ++q) prepare(q);
     for (int64_t q = 0; q < n.Q; ++q) {
+      if (q + corners.kSlots - 1 < n.Q) prepare(q + corners.kSlots - 1);
       const int64_t bqm = (b * n.Q + q) * n.M + m;
       const T* go = grad_out + bqm * n.D;  // (D,)
+      const Corners<T>* query_corners = corners.slot(q);
       for (int64_t l = 0; l < n.L; ++l) {
         const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
         for (int64_t p = 0; p < n.P; ++p) {
           const int64_t i = (bqm * n.L + l) * n.P + p;
-          const Corners<T> c = corners_of(loc[2 * i], loc[2 * i + 1], H, W, starts[l]);
+          const Corners<T>& c = query_corners[l * n.P + p];
           if (!c.any) {
             grad_attn[i] = grad_loc[2 * i] = grad_loc[2 * i + 1] = T(0);
             continue;
@@ -231,11 +343,12 @@ void backward_cpu(const T* grad_out, const T* value, const int64_t* shapes, cons
           grad_loc[2 * i] = a * static_cast<T>(W) * (hh * (s[1] - s[0]) + c.lh * (s[3] - s[2]));
           grad_loc[2 * i + 1] = a * static_cast<T>(H) * (hw * (s[2] - s[0]) + c.lw * (s[3] - s[1]));
           for (int k = 0; k < 4; ++k) {
-            if (c.row[k] >= 0) axpy(gv + c.row[k] * gv_stride, a * c.weight[k], go, n.D);
+            if (c.row[k] >= 0) axpy(acc + c.row[k] * n.D, a * c.weight[k], go, n.D);
           }
         }
       }
     }
+    store_rows(grad_value + (b * n.S * n.M + m) * n.D, stride, acc, n.S, n.D);
   });
 }
 
