@@ -95,3 +95,28 @@ def test_petr_frustum_points_project_back_to_their_pixels():
                                          indexing="xy"), -1).double()  # (H, W, 2) as (u, v)
     torch.testing.assert_close(uv[inside], centres[None, :, :, None].expand_as(uv)[inside], atol=2e-2, rtol=0)
     torch.testing.assert_close(depth[inside], head.depths.double().expand_as(depth)[inside], atol=1e-3, rtol=1e-4)
+
+
+def test_petr_ray_bias_peaks_at_the_cell_that_sees_the_anchor():
+    pc_range = [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0]
+    head = PETRHead(8, 10, pc_range, num_queries=4, embed_dims=32, num_heads=2, num_decoder_layers=1,
+                    ffn_dims=32, ray_bias=True)
+    lidar2img = _rig()
+    H, W = PAD[0] // 16, PAD[1] // 16
+    cam, row, col = 1, 2, 3
+    u, v = (col + 0.5) * 16, (row + 0.5) * 16
+    l2i = lidar2img[0, cam].double().numpy()
+    point = _unproject(l2i, u, v, depth=12.0)
+    lo, hi = np.array(pc_range[:3]), np.array(pc_range[3:])
+    reference = torch.tensor((point - lo) / (hi - lo), dtype=torch.float32).view(1, 1, 3)
+    bias = head.ray_attention_bias(reference, lidar2img, PAD, (H, W))
+    assert bias.shape == (1, 2, 1, 2 * H * W)
+    key = (cam * H + row) * W + col
+    assert (bias.argmax(-1) == key).all() and bias[..., key].abs().max() < 1e-3
+    # the next cell along the row: 1 - cos of the angle between its ray and the direction to the anchor
+    centre = _unproject(l2i, u, v, depth=0.0)
+    ray = _unproject(l2i, u + 16, v, depth=1.0) - centre
+    to_anchor = point - centre
+    cos = ray @ to_anchor / np.linalg.norm(ray) / np.linalg.norm(to_anchor)
+    expected = head.ray_bias_scale.detach().double().exp() * (cos - 1)
+    torch.testing.assert_close(bias[0, :, 0, key + 1].double(), expected, rtol=1e-3, atol=1e-4)

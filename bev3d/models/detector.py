@@ -13,6 +13,7 @@ from bev3d.errors import Bev3dError
 from bev3d.models.backbones import build_backbone
 from bev3d.models.heads.box_coder import NMSFreeDecoder
 from bev3d.models.heads.criterion3d import SetCriterion3D
+from bev3d.models.heads.denoising import QueryDenoising
 from bev3d.models.heads.detr3d import DETR3DHead
 from bev3d.models.heads.detr3d_sampling import SAMPLERS
 from bev3d.models.heads.matcher3d import HungarianMatcher3D
@@ -21,10 +22,10 @@ from bev3d.models.necks import build_neck
 
 
 class MultiViewDetector(nn.Module):
-    def __init__(self, backbone, neck, head, criterion, decoder):
+    def __init__(self, backbone, neck, head, criterion, decoder, denoising=None):
         super().__init__()
         self.backbone, self.neck, self.head, self.criterion = backbone, neck, head, criterion
-        self.decoder = decoder
+        self.decoder, self.denoising = decoder, denoising
 
     def extract_feats(self, img):
         """(B, N, 3, H, W) -> list of (B, N, C, H_l, W_l): every camera image goes through the backbone."""
@@ -36,10 +37,21 @@ class MultiViewDetector(nn.Module):
         img = batch["img"]  # (B, N, 3, H_pad, W_pad)
         lidar2img = batch["lidar2img"].to(img)  # (B, N, 4, 4)
         img_shape = torch.as_tensor(batch["img_shape"], device=img.device).view(-1, 2)  # (B, 2) valid (H, W)
-        cls_logits, box_code = self.head(self.extract_feats(img), lidar2img, img_shape, tuple(img.shape[-2:]))
-        if self.training:
-            return self.criterion(cls_logits, box_code, batch["gt_boxes"], batch["gt_labels"])
-        return self.decoder(cls_logits[-1], box_code[-1])
+        head_args = (self.extract_feats(img), lidar2img, img_shape, tuple(img.shape[-2:]))
+        denoising = None
+        if self.training and self.denoising is not None:
+            denoising = self.denoising(batch["gt_boxes"], batch["gt_labels"], self.head.num_queries, img.device)
+        if denoising is None:
+            cls_logits, box_code = self.head(*head_args)
+        else:
+            cls_logits, box_code = self.head(*head_args, denoising=denoising)
+        if not self.training:
+            return self.decoder(cls_logits[-1], box_code[-1])
+        P = 0 if denoising is None else denoising.num_queries  # denoising queries come first
+        losses = self.criterion(cls_logits[:, :, P:], box_code[:, :, P:], batch["gt_boxes"], batch["gt_labels"])
+        if denoising is not None:
+            losses.update(self.criterion.denoising_loss(cls_logits[:, :, :P], box_code[:, :, :P], denoising))
+        return losses
 
 
 def build_head(cfg):
@@ -50,7 +62,7 @@ def build_head(cfg):
     if cfg.type == "petr":
         return PETRHead(in_channels, h.num_classes, cfg.pc_range, in_level=h.in_level, depth_num=h.depth_num,
                         depth_start=h.depth_start, position_range=h.position_range, with_2d_pe=h.with_2d_pe,
-                        query_content=h.query_content,
+                        query_content=h.query_content, ray_bias=h.ray_bias,
                         **common)
     return DETR3DHead(h.num_classes, cfg.pc_range, num_levels=h.num_levels,
                       with_box_refine=h.with_box_refine, sampler=h.sampler, **common)
@@ -74,6 +86,9 @@ def check_model_config(m):
         if h.num_levels > m.neck.num_outs:
             raise Bev3dError(f"model.head.num_levels ({h.num_levels}) exceeds the neck's levels "
                              f"(model.neck.num_outs = {m.neck.num_outs}).")
+    elif h.denoising_groups < 0 or h.denoising_noise < 0:
+        raise Bev3dError(f"model.head.denoising_groups ({h.denoising_groups}) and model.head.denoising_noise "
+                         f"({h.denoising_noise}) must be >= 0 (denoising_groups: 0 turns query denoising off).")
     elif h.in_level >= m.neck.num_outs:
         raise Bev3dError(f"model.head.in_level ({h.in_level}) must name one of the neck's "
                          f"{m.neck.num_outs} levels (model.neck.num_outs).")
@@ -87,4 +102,8 @@ def build(cfg):
     criterion = SetCriterion3D(m.head.num_classes, matcher, m.loss.cls_weight, m.loss.bbox_weight,
                                m.loss.focal_alpha, m.loss.focal_gamma, m.loss.code_weights)
     decoder = NMSFreeDecoder(m.head.num_classes, m.max_detections, m.score_threshold, m.post_center_range)
-    return MultiViewDetector(build_backbone(m.backbone), build_neck(m.neck), build_head(m), criterion, decoder)
+    denoising = None
+    if m.type == "petr" and m.head.denoising_groups > 0:
+        denoising = QueryDenoising(m.head.num_classes, m.pc_range, m.head.denoising_groups, m.head.denoising_noise)
+    return MultiViewDetector(build_backbone(m.backbone), build_neck(m.neck), build_head(m), criterion, decoder,
+                             denoising)

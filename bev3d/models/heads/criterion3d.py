@@ -33,6 +33,26 @@ class SetCriterion3D(nn.Module):
             losses[prefix + "loss_bbox"] = loss_bbox
         return losses
 
+    def denoising_loss(self, cls_logits, box_code, denoising):
+        """The loss of the denoising queries (see denoising.py), whose targets need no matching.
+
+        cls_logits (L, B, P, C), box_code (L, B, P, 10) -> {"dn.loss_cls", "dn.loss_bbox"} for the last layer
+        and "d{i}.dn.loss_*" for the earlier ones.
+        """
+        positive = denoising.valid & (denoising.labels < self.num_classes)  # (B, P)
+        batch_idx, query_idx = positive.nonzero(as_tuple=True)
+        labels = denoising.labels[batch_idx, query_idx]
+        num_boxes = num_boxes_across_ranks([labels], cls_logits.device)
+        losses = {}
+        L = cls_logits.shape[0]
+        for layer in range(L):
+            prefix = "dn." if layer == L - 1 else f"d{layer}.dn."
+            loss_cls, loss_bbox = self._loss(cls_logits[layer], box_code[layer], batch_idx, query_idx, labels,
+                                             denoising.targets[batch_idx, query_idx], num_boxes, denoising.valid)
+            losses[prefix + "loss_cls"] = loss_cls
+            losses[prefix + "loss_bbox"] = loss_bbox
+        return losses
+
     def _layer_loss(self, cls_logits, box_code, target_codes, gt_labels, num_boxes):
         device = cls_logits.device
         indices = [(q.to(device), g.to(device)) for q, g in self.matcher(cls_logits, box_code, target_codes, gt_labels)]
@@ -40,11 +60,18 @@ class SetCriterion3D(nn.Module):
         query_idx = torch.cat([q for q, _ in indices])
         labels = torch.cat([t[g] for t, (_, g) in zip(gt_labels, indices)])
         matched_targets = torch.cat([t[g] for t, (_, g) in zip(target_codes, indices)])
+        return self._loss(cls_logits, box_code, batch_idx, query_idx, labels, matched_targets, num_boxes)
 
+    def _loss(self, cls_logits, box_code, batch_idx, query_idx, labels, targets, num_boxes, valid=None):
+        """Focal loss over all queries (only where `valid` (B, Q), when given) and weighted L1 of the
+        queries (batch_idx, query_idx) against their class `labels` and encoded boxes `targets` (M, 10)."""
         onehot = torch.zeros_like(cls_logits)  # (B, Q, C): all background ...
-        onehot[batch_idx, query_idx, labels] = 1.0  # ... except each matched query's GT class
-        loss_cls = sigmoid_focal_loss(cls_logits, onehot, self.alpha, self.gamma, num_boxes)
-
+        onehot[batch_idx, query_idx, labels] = 1.0  # ... except each assigned query's class
+        if valid is None:
+            loss_cls = sigmoid_focal_loss(cls_logits, onehot, self.alpha, self.gamma, num_boxes)
+        else:
+            loss_cls = (sigmoid_focal_loss(cls_logits, onehot, self.alpha, self.gamma) * valid[..., None]).sum()
+            loss_cls = loss_cls / num_boxes
         matched = box_code[batch_idx, query_idx]  # (M, 10)
-        loss_bbox = ((matched - matched_targets).abs() * self.code_weights).sum() / num_boxes
+        loss_bbox = ((matched - targets).abs() * self.code_weights).sum() / num_boxes
         return self.cls_weight * loss_cls, self.bbox_weight * loss_bbox

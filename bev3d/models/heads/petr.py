@@ -5,6 +5,8 @@ of its camera's `lidar2img`; an MLP turns those points into a 3D position embedd
 cross-attention over all N_cam x H x W tokens (DETR's decoder on SDPA) reasons in 3D.
 """
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -30,6 +32,18 @@ def cell_centres(feat_hw, pad_shape, device):
     return v, u
 
 
+def camera_rays(lidar2img, pad_shape, feat_hw):
+    """lidar2img (B, N, 4, 4) -> camera centres (B, N, 3) and unit directions (B, N, H_f*W_f, 3) of the rays
+    through the feature cells' centres, in the LiDAR frame."""
+    v, u = cell_centres(feat_hw, pad_shape, lidar2img.device)
+    vv, uu = torch.meshgrid(v, u, indexing="ij")
+    # the image point (u d, v d, d) is d * (u, v, 1) + 0: its LiDAR point is d * direction + centre
+    pixels = torch.stack([uu, vv, torch.ones_like(uu)], -1).view(1, 1, -1, 3)  # (1, 1, H*W, 3)
+    img2lidar = torch.linalg.inv(lidar2img.double()).float()
+    directions = pixels @ img2lidar[..., :3, :3].transpose(-1, -2)
+    return img2lidar[..., :3, 3], directions / directions.norm(dim=-1, keepdim=True)
+
+
 def padding_mask(img_shape, pad_shape, feat_hw):
     """img_shape (B, 2) valid (H, W), pad_shape (H_pad, W_pad) -> (B, H_f, W_f) True where a feature
     cell's centre lies in the padding."""
@@ -40,9 +54,11 @@ def padding_mask(img_shape, pad_shape, feat_hw):
 class PETRHead(nn.Module):
     def __init__(self, in_channels, num_classes, pc_range, num_queries=900, embed_dims=256, num_heads=8,
                  num_decoder_layers=6, ffn_dims=2048, dropout=0.1, in_level=0, depth_num=64, depth_start=1.0,
-                 position_range=(-61.2, -61.2, -10.0, 61.2, 61.2, 10.0), with_2d_pe=True, query_content=False):
+                 position_range=(-61.2, -61.2, -10.0, 61.2, 61.2, 10.0), with_2d_pe=True, query_content=False,
+                 ray_bias=False):
         super().__init__()
         self.in_level, self.pc_range, self.position_range = in_level, list(pc_range), list(position_range)
+        self.num_queries = num_queries
         self.register_buffer("depths", depth_bins(depth_num, depth_start, position_range[3]), persistent=False)
         self.input_proj = nn.Conv2d(in_channels, embed_dims, 1)
         self.position_encoder = nn.Sequential(
@@ -58,6 +74,13 @@ class PETRHead(nn.Module):
         # every query then reads the same near-uniform global average in the first layer and the class loss
         # stalls on the all-queries-alike plateau; a learned per-query content makes them separable at once.
         self.query_content = nn.Embedding(num_queries, embed_dims) if query_content else None
+        # Optional geometric prior (not in the official PETR): a query attends less to cells whose camera ray
+        # points away from its reference point, log-scale per head. With it, a from-scratch PETR does not
+        # have to discover from the loss alone which tokens its anchor sees. The initial widths span one
+        # feature cell (~3 degrees at stride 16, 1 - cos = 0.0014) to a near object (~30 degrees, 0.13).
+        self.ray_bias_scale = None
+        if ray_bias:
+            self.ray_bias_scale = nn.Parameter(torch.linspace(math.log(400.0), math.log(6.0), num_heads))
         self.query_embedding = nn.Sequential(
             nn.Linear(embed_dims * 3 // 2, embed_dims), nn.ReLU(inplace=True), nn.Linear(embed_dims, embed_dims))
         self.decoder = TransformerDecoder(num_decoder_layers, embed_dims, num_heads=num_heads, ffn_dims=ffn_dims,
@@ -80,10 +103,24 @@ class PETRHead(nn.Module):
             points = inverse_sigmoid(normalize_points(points, self.position_range))
         return points.view(B * N, H, W, D * 3).permute(0, 3, 1, 2)
 
-    def forward(self, feats, lidar2img, img_shape, pad_shape):
+    def ray_attention_bias(self, reference, lidar2img, pad_shape, feat_hw):
+        """reference (B, Q, 3) fractions of pc_range -> additive cross-attention bias (B, M, Q, N*H_f*W_f):
+        scale_m * (cos(angle between a cell's ray and the direction to the reference point) - 1)."""
+        lo = reference.new_tensor(self.pc_range[:3])
+        points = lo + reference * (reference.new_tensor(self.pc_range[3:]) - lo)  # (B, Q, 3) metres
+        centres, directions = camera_rays(lidar2img, pad_shape, feat_hw)  # (B, N, 3), (B, N, H*W, 3)
+        to_point = points[:, None] - centres[:, :, None]  # (B, N, Q, 3)
+        to_point = to_point / to_point.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        cos = to_point @ directions.transpose(-1, -2)  # (B, N, Q, H*W)
+        B, N, Q, HW = cos.shape
+        cos = cos.permute(0, 2, 1, 3).reshape(B, 1, Q, N * HW)  # keys in memory order: camera, row, column
+        return (cos - 1) * self.ray_bias_scale.exp().view(1, -1, 1, 1)
+
+    def forward(self, feats, lidar2img, img_shape, pad_shape, denoising=None):
         """feats: list of (B, N, C_in, H_l, W_l); lidar2img (B, N, 4, 4); img_shape (B, 2) valid (H, W).
 
-        Returns class logits (L, B, Q, num_classes) and box codes (L, B, Q, 10), centres in metres.
+        Returns class logits (L, B, Q, num_classes) and box codes (L, B, Q, 10), centres in metres. With
+        `denoising` (training only, see denoising.py) its P queries come first: Q becomes P + num_queries.
         """
         x = feats[self.in_level]
         B, N, _, H, W = x.shape
@@ -97,11 +134,20 @@ class PETRHead(nn.Module):
         pos = pos.view(B, N, C, H * W).permute(0, 1, 3, 2).reshape(B, N * H * W, C)
 
         reference = self.reference_points.weight[None].expand(B, -1, -1)  # (B, Q, 3) fractions of pc_range
-        query_pos = self.query_embedding(sine_embed_points(reference, C // 2))
         if self.query_content is None:
-            content = torch.zeros_like(query_pos)
+            content = reference.new_zeros(*reference.shape[:2], C)
         else:
             content = self.query_content.weight[None].expand(B, -1, -1)  # (B, Q, C)
-        hidden = self.decoder(content, memory, query_pos, pos, mask.reshape(B, N * H * W))
+        self_attn_mask = None
+        if denoising is not None:
+            reference = torch.cat([denoising.reference, reference], 1)  # (B, P + Q, 3)
+            content = torch.cat([content.new_zeros(B, denoising.num_queries, C), content], 1)
+            self_attn_mask = denoising.attn_mask
+        query_pos = self.query_embedding(sine_embed_points(reference, C // 2))
+        cross_attn_mask = None
+        if self.ray_bias_scale is not None:
+            cross_attn_mask = self.ray_attention_bias(reference, lidar2img, pad_shape, (H, W))
+        hidden = self.decoder(content, memory, query_pos, pos, mask.reshape(B, N * H * W), self_attn_mask,
+                              cross_attn_mask)
         outs = [self.branches(i, h, reference)[:2] for i, h in enumerate(hidden)]
         return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])

@@ -10,7 +10,7 @@ class MultiheadAttention(nn.Module):
 
     Positions are added to queries and keys (never to values): q = query + query_pos,
     k = key + key_pos, v = value. key_padding_mask (B, S) is True at padded keys; attn_mask is
-    (L, S) or (B*, L, S), boolean (True = may attend) or additive float.
+    (L, S), (B*, L, S) or per head (B*, M, L, S), boolean (True = may attend) or additive float.
     """
 
     def __init__(self, embed_dims, num_heads, dropout=0.0):
@@ -53,7 +53,7 @@ def _merge_masks(attn_mask, key_padding_mask, dtype):
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros_like(attn_mask, dtype=dtype).masked_fill_(~attn_mask, float("-inf"))
-        mask = attn_mask if attn_mask.dim() == 2 else attn_mask.unsqueeze(1)
+        mask = attn_mask.unsqueeze(1) if attn_mask.dim() == 3 else attn_mask
     if key_padding_mask is not None:
         pad = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
         pad = pad.masked_fill_(key_padding_mask, float("-inf"))[:, None, None, :]  # (B, 1, 1, S)

@@ -36,11 +36,13 @@ class TransformerDecoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(embed_dims)
         self.ffn = FFN(embed_dims, ffn_dims, dropout)
 
-    def forward(self, tgt, memory, query_pos=None, pos=None, key_padding_mask=None, self_attn_mask=None):
-        """tgt (B, Q, C), memory (B, S, C), query_pos (B, Q, C), pos (B, S, C), key_padding_mask (B, S)."""
+    def forward(self, tgt, memory, query_pos=None, pos=None, key_padding_mask=None, self_attn_mask=None,
+                cross_attn_mask=None):
+        """tgt (B, Q, C), memory (B, S, C), query_pos (B, Q, C), pos (B, S, C), key_padding_mask (B, S);
+        masks as in MultiheadAttention."""
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(tgt, query_pos=query_pos, attn_mask=self_attn_mask)))
         attended = self.cross_attn(tgt, memory, memory, query_pos=query_pos, key_pos=pos,
-                                   key_padding_mask=key_padding_mask)
+                                   key_padding_mask=key_padding_mask, attn_mask=cross_attn_mask)
         tgt = self.norm2(tgt + self.dropout2(attended))
         return self.ffn(tgt)
 
@@ -64,10 +66,11 @@ class TransformerDecoder(nn.Module):
         self.layers = nn.ModuleList(TransformerDecoderLayer(embed_dims, **layer_kwargs) for _ in range(num_layers))
         self.norm = nn.LayerNorm(embed_dims)
 
-    def forward(self, tgt, memory, query_pos=None, pos=None, key_padding_mask=None):
+    def forward(self, tgt, memory, query_pos=None, pos=None, key_padding_mask=None, self_attn_mask=None,
+                cross_attn_mask=None):
         outs = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, query_pos, pos, key_padding_mask)
+            tgt = layer(tgt, memory, query_pos, pos, key_padding_mask, self_attn_mask, cross_attn_mask)
             outs.append(self.norm(tgt))
         return torch.stack(outs)  # (num_layers, B, Q, C)
 
