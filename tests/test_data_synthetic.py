@@ -1,5 +1,8 @@
 """The synthetic rig, checked through the real devkit."""
 
+import json
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -149,3 +152,11 @@ def test_cli_rejects_bad_size(tmp_path, capsys):
     assert cli_main(["synth", "--out", str(tmp_path), "--image-size", "big"]) == 2
     assert "WIDTHxHEIGHT" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_rig_stamp_names_sets_an_older_rig_wrote(synth_root, tmp_path):
+    stamp = json.loads((Path(synth_root) / synthetic.RIG_STAMP).read_text())
+    assert stamp["rig_version"] == synthetic.RIG_VERSION and synthetic.stale_rig_version(synth_root) is None
+    (tmp_path / synthetic.RIG_STAMP).write_text(json.dumps({"rig_version": synthetic.RIG_VERSION - 1}))
+    assert synthetic.stale_rig_version(tmp_path) == synthetic.RIG_VERSION - 1
+    assert synthetic.stale_rig_version(tmp_path / "real_nuscenes_without_stamp") is None

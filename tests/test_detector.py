@@ -40,6 +40,9 @@ def test_tiny_forward_backward_and_output_contract(name, synth_root):
     losses = model(batch)
     L = cfg.model.head.num_decoder_layers
     expected = {"loss_cls", "loss_bbox"} | {f"d{i}.loss_{k}" for i in range(L - 1) for k in ("cls", "bbox")}
+    if getattr(cfg.model.head, "denoising_groups", 0):
+        expected |= {"dn.loss_cls", "dn.loss_bbox"}
+        expected |= {f"d{i}.dn.loss_{k}" for i in range(L - 1) for k in ("cls", "bbox")}
     assert set(losses) == expected
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()

@@ -22,7 +22,7 @@ def _pictures(root, version, token, results, out_dir):
 
 
 def main(args):
-    from bev3d.data.synthetic import write_synthetic_nuscenes
+    from bev3d.data.synthetic import RIG_VERSION, stale_rig_version, write_synthetic_nuscenes
     from bev3d.engine.test import evaluate_checkpoint
     from bev3d.engine.train import train
     from bev3d.evaluation.nuscenes_eval import load_nuscenes, split_sample_tokens
@@ -30,7 +30,11 @@ def main(args):
     start = time.perf_counter()
     root = Path(args.data_root or DEFAULT_ROOT)
     cfg = load_config(args.cfg, [f"data.root={root}", f"work_dir={args.work_dir}"] + list(args.opts or []))
-    if not (root / cfg.data.version / "sample.json").is_file():
+    stale = stale_rig_version(root)
+    if stale is not None:
+        print(f"[demo] {root} was written by synthetic rig version {stale}; rewriting it with version "
+              f"{RIG_VERSION}", flush=True)
+    if stale is not None or not (root / cfg.data.version / "sample.json").is_file():
         print(f"[demo] writing the synthetic rig to {root} (once; later runs reuse it)", flush=True)
         write_synthetic_nuscenes(root, verbose=True)
     synth_s = time.perf_counter() - start
