@@ -3,8 +3,9 @@
 The CPU variant builds csrc/ms_deform_attn_cpu.cpp only, because a CPU torch wheel has no CUDA
 headers; the CUDA variant adds the kernel and its binding when a GPU and CUDA_HOME are present,
 and the CPU variant is the fallback when that build fails.
-The build lands in $TORCH_EXTENSIONS_DIR or ~/.cache/bev3d/, keyed by the torch version, and
-is reused by later processes. BEV3D_NO_EXT=1 disables the compiled kernels.
+The build lands in $TORCH_EXTENSIONS_DIR or ~/.cache/bev3d/, keyed by the Python and torch versions
+and the CPU's ISA level (see _isa), and is reused by later processes. BEV3D_NO_EXT=1 disables the
+compiled kernels.
 """
 
 import os
