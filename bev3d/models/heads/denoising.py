@@ -3,8 +3,8 @@
 In training, `groups` noisy copies of every ground-truth box join the object queries: each copy is a
 query whose reference point is the box centre moved by up to `noise` half box extents along each
 axis. Copies that land close to their box (a shift of norm <= `POSITIVE_RADIUS` half extents) must
-predict the box and its class; the others must predict background. They need no matching, so from the first step the
-decoder learns to read an object's features from near its reference point: Hungarian-matched
+predict the box and its class; the others must predict background. They need no matching, so from
+the first step the decoder learns to read an object's features from near its reference point: Hungarian-matched
 queries alone give that signal to a handful of queries per step, which makes a from-scratch PETR
 slow to converge. The copies see the object queries but not the reverse, and groups do not see
 each other, so nothing leaks from the ground truth into the matched predictions. Inference is
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bev3d.models.heads.box_coder import encode
+from bev3d.models.heads.box_coder import encode, normalize_points
 
 POSITIVE_RADIUS = 0.75  # StreamPETR's split (with noise 1.0): norm of the shift, in half box extents
 
@@ -35,9 +35,7 @@ class DenoisingQueries:
 
 class QueryDenoising:
     def __init__(self, num_classes, pc_range, groups, noise):
-        self.num_classes, self.groups, self.noise = num_classes, groups, noise
-        self.pc_min = torch.tensor(pc_range[:3], dtype=torch.float32)
-        self.pc_size = torch.tensor(pc_range[3:], dtype=torch.float32) - self.pc_min
+        self.num_classes, self.pc_range, self.groups, self.noise = num_classes, list(pc_range), groups, noise
 
     def __call__(self, gt_boxes, gt_labels, num_queries, device):
         """Per-sample gt_boxes (N_i, 9) and gt_labels (N_i,) -> DenoisingQueries, or None without any box."""
@@ -59,7 +57,7 @@ class QueryDenoising:
             half = torch.stack([boxes[:, 4], boxes[:, 3], boxes[:, 5]], -1) / 2  # (n, 3) l, w, h
             shift = (torch.rand(G, n, 3) * 2 - 1) * self.noise  # in half extents
             centres = boxes[None, :, :3] + shift * half
-            reference[b, :, :n] = ((centres - self.pc_min) / self.pc_size).clamp(0, 1)
+            reference[b, :, :n] = normalize_points(centres, self.pc_range).clamp(0, 1)
             positive = shift.norm(dim=-1) <= POSITIVE_RADIUS
             labels[b, :, :n] = torch.where(positive, classes.cpu().long()[None], C)
             targets[b, :, :n] = encode(boxes)[None]

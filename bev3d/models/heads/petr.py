@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from bev3d.geometry import transform_points
-from bev3d.models.heads.box_coder import normalize_points
+from bev3d.models.heads.box_coder import denormalize_points, normalize_points
 from bev3d.models.heads.common import PredictionBranches, sine_embed_points
 from bev3d.models.transformer.detr_transformer import TransformerDecoder
 from bev3d.models.transformer.position_encoding import PositionEmbeddingSine
@@ -32,6 +32,12 @@ def cell_centres(feat_hw, pad_shape, device):
     return v, u
 
 
+def image_to_lidar(lidar2img):
+    """(..., 4, 4) lidar2img -> its inverse, computed in float64: lidar2img mixes focal lengths (~1e3) with
+    rotations, and a float32 inverse loses millimetres."""
+    return torch.linalg.inv(lidar2img.double()).float()
+
+
 def camera_rays(lidar2img, pad_shape, feat_hw):
     """lidar2img (B, N, 4, 4) -> camera centres (B, N, 3) and unit directions (B, N, H_f*W_f, 3) of the rays
     through the feature cells' centres, in the LiDAR frame."""
@@ -39,7 +45,7 @@ def camera_rays(lidar2img, pad_shape, feat_hw):
     vv, uu = torch.meshgrid(v, u, indexing="ij")
     # the image point (u d, v d, d) is d * (u, v, 1) + 0: its LiDAR point is d * direction + centre
     pixels = torch.stack([uu, vv, torch.ones_like(uu)], -1).view(1, 1, -1, 3)  # (1, 1, H*W, 3)
-    img2lidar = torch.linalg.inv(lidar2img.double()).float()
+    img2lidar = image_to_lidar(lidar2img)
     directions = pixels @ img2lidar[..., :3, :3].transpose(-1, -2)
     return img2lidar[..., :3, 3], directions / directions.norm(dim=-1, keepdim=True)
 
@@ -98,8 +104,7 @@ class PETRHead(nn.Module):
         v, u = cell_centres(feat_hw, pad_shape, lidar2img.device)
         vv, uu, dd = torch.meshgrid(v, u, self.depths, indexing="ij")  # (H, W, D) each
         frustum = torch.stack([uu * dd, vv * dd, dd], -1).view(1, 1, H * W * D, 3)  # image coords times depth
-        # float64 inverse: lidar2img mixes focal lengths (~1e3) with rotations, float32 loses millimetres.
-        img2lidar = torch.linalg.inv(lidar2img.double()).float()
+        img2lidar = image_to_lidar(lidar2img)
         with torch.autocast(lidar2img.device.type, enabled=False):  # geometry stays float32 under AMP
             points = transform_points(frustum.float(), img2lidar)  # (B, N, H*W*D, 3) LiDAR
             points = inverse_sigmoid(normalize_points(points, self.position_range))
@@ -108,8 +113,7 @@ class PETRHead(nn.Module):
     def ray_attention_bias(self, reference, lidar2img, pad_shape, feat_hw):
         """reference (B, Q, 3) fractions of pc_range -> additive cross-attention bias (B, M, Q, N*H_f*W_f):
         scale_m * (cos(angle between a cell's ray and the direction to the reference point) - 1)."""
-        lo = reference.new_tensor(self.pc_range[:3])
-        points = lo + reference * (reference.new_tensor(self.pc_range[3:]) - lo)  # (B, Q, 3) metres
+        points = denormalize_points(reference, self.pc_range)  # (B, Q, 3) metres
         centres, directions = camera_rays(lidar2img, pad_shape, feat_hw)  # (B, N, 3), (B, N, H*W, 3)
         to_point = points[:, None] - centres[:, :, None]  # (B, N, Q, 3)
         to_point = to_point / to_point.norm(dim=-1, keepdim=True).clamp_min(1e-6)
