@@ -28,7 +28,7 @@ def _add_synth(sub):
                    help="nuscenes: 6-camera rig in nuScenes v1.0-mini format; shapes2d: COCO-format 2D shapes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-scenes", type=int, default=None, help="number of mini_train scenes (at most 8)")
-    p.add_argument("--samples-per-scene", type=int, default=None)
+    p.add_argument("--samples-per-scene", type=int, default=None, help="key frames per scene at 2 Hz (default 80)")
     p.add_argument("--image-size", type=_image_size, default=None,
                    help="WIDTHxHEIGHT (default 1600x900 for nuscenes, intrinsics scaled to match; 128x128 for shapes2d)")
     p.add_argument("--num-images", type=int, default=None, help="shapes2d only: number of images")

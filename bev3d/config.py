@@ -115,6 +115,7 @@ class PETRHeadConfig:
     with_2d_pe: bool = True
     query_content: bool = False  # learned per-query decoder content instead of zeros (helps from-scratch training)
     ray_bias: bool = False  # cross-attention prior from the angle between cell rays and query anchors (not official)
+    with_box_refine: bool = False  # each layer's predicted centres anchor the next layer (not official PETR)
     denoising_groups: int = 0  # noisy ground-truth copies per box as extra training queries (StreamPETR's DN); 0 = off
     denoising_noise: float = 1.0  # how far (in half box sizes) a copy's centre may move from its box
 

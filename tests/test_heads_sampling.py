@@ -4,6 +4,7 @@ geometry module's projection (an independent path from the heads' code)."""
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 from bev3d.geometry import intrinsics_4x4, project_points, transform_matrix, transform_points
 from bev3d.models.heads.box_coder import denormalize_points
@@ -120,3 +121,24 @@ def test_petr_ray_bias_peaks_at_the_cell_that_sees_the_anchor():
     cos = ray @ to_anchor / np.linalg.norm(ray) / np.linalg.norm(to_anchor)
     expected = head.ray_bias_scale.detach().double().exp() * (cos - 1)
     torch.testing.assert_close(bias[0, :, 0, key + 1].double(), expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("refine", [False, True])
+def test_petr_refinement_anchors_each_layer_on_the_previous_centres(refine):
+    torch.manual_seed(2)
+    pc_range = [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0]
+    head = PETRHead(8, 10, pc_range, num_queries=5, embed_dims=32, num_heads=2, num_decoder_layers=2,
+                    ffn_dims=32, depth_num=16, ray_bias=True, with_box_refine=refine)
+    if refine:  # a zero box branch predicts no offset: its centres are its anchors
+        for p in head.branches.reg_branches[1][-1].parameters():
+            nn.init.zeros_(p)
+    feats = [torch.randn(1, 2, 8, PAD[0] // 16, PAD[1] // 16)]
+    _, box_code = head(feats, _rig(), torch.tensor([PAD]), PAD)  # (L, 1, Q, 10)
+    centres = box_code[..., [0, 1, 4]]
+    anchors = denormalize_points(head.reference_points.weight, pc_range)
+    assert not torch.allclose(centres[0, 0], anchors, atol=1e-2)
+    if refine:
+        torch.testing.assert_close(centres[1], centres[0], atol=1e-4, rtol=1e-5)
+    else:  # one shared branch pair, every layer offsets the same learned anchors
+        assert len(head.branches.reg_branches) == 1
+        assert not torch.allclose(centres[1], centres[0], atol=1e-2)

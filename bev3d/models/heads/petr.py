@@ -61,10 +61,10 @@ class PETRHead(nn.Module):
     def __init__(self, in_channels, num_classes, pc_range, num_queries=900, embed_dims=256, num_heads=8,
                  num_decoder_layers=6, ffn_dims=2048, dropout=0.1, in_level=0, depth_num=64, depth_start=1.0,
                  position_range=(-61.2, -61.2, -10.0, 61.2, 61.2, 10.0), with_2d_pe=True, query_content=False,
-                 ray_bias=False):
+                 ray_bias=False, with_box_refine=False):
         super().__init__()
         self.in_level, self.pc_range, self.position_range = in_level, list(pc_range), list(position_range)
-        self.num_queries = num_queries
+        self.num_queries, self.with_box_refine = num_queries, with_box_refine
         self.register_buffer("depths", depth_bins(depth_num, depth_start, position_range[3]), persistent=False)
         self.input_proj = nn.Conv2d(in_channels, embed_dims, 1)
         self.position_encoder = nn.Sequential(
@@ -85,7 +85,7 @@ class PETRHead(nn.Module):
         # PETR does not have to discover from the loss alone which tokens its anchor sees. The initial widths
         # span one feature cell (~3 degrees at stride 16, 1 - cos = 0.0014) to a near object (~30 degrees,
         # 0.13). Learned widths (and anchors that get a gradient through the bias) beat fixed ones in the
-        # demo (mAP 0.216 vs 0.186) although the mask's gradient costs SDPA's fused kernel.
+        # rig-2 demo (mAP 0.216 vs 0.186) although the mask's gradient costs SDPA's fused kernel.
         self.ray_bias_scale = None
         if ray_bias:
             self.ray_bias_scale = nn.Parameter(torch.linspace(math.log(400.0), math.log(6.0), num_heads))
@@ -93,8 +93,11 @@ class PETRHead(nn.Module):
             nn.Linear(embed_dims * 3 // 2, embed_dims), nn.ReLU(inplace=True), nn.Linear(embed_dims, embed_dims))
         self.decoder = TransformerDecoder(num_decoder_layers, embed_dims, num_heads=num_heads, ffn_dims=ffn_dims,
                                           dropout=dropout)
-        # Shared across layers as in the official PETR (no refinement: every layer uses the same anchors).
-        self.branches = PredictionBranches(embed_dims, num_classes, num_decoder_layers, pc_range, shared=True)
+        # Shared across layers as in the official PETR, where every layer uses the same anchors. With refinement
+        # (as in DETR3D) each layer re-anchors its queries, its query positions and its ray bias on the centres
+        # the previous layer predicted, and has branches of its own.
+        self.branches = PredictionBranches(embed_dims, num_classes, num_decoder_layers, pc_range,
+                                           shared=not with_box_refine)
 
     def position_embedding(self, lidar2img, pad_shape, feat_hw):
         """lidar2img (B, N, 4, 4) -> (B*N, D*3, H, W) inverse-sigmoid frustum points in position_range."""
@@ -149,11 +152,19 @@ class PETRHead(nn.Module):
             reference = torch.cat([denoising.reference, reference], 1)  # (B, P + Q, 3)
             content = torch.cat([content.new_zeros(B, denoising.num_queries, C), content], 1)
             self_attn_mask = denoising.attn_mask
-        query_pos = self.query_embedding(sine_embed_points(reference, C // 2))
-        cross_attn_mask = None
-        if self.ray_bias_scale is not None:
-            cross_attn_mask = self.ray_attention_bias(reference, lidar2img, pad_shape, (H, W))
-        hidden = self.decoder(content, memory, query_pos, pos, mask.reshape(B, N * H * W), self_attn_mask,
-                              cross_attn_mask)
-        outs = [self.branches(i, h, reference)[:2] for i, h in enumerate(hidden)]
-        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+        key_padding_mask = mask.reshape(B, N * H * W)
+        cls_out, box_out = [], []
+        for i, layer in enumerate(self.decoder.layers):
+            if i == 0 or self.with_box_refine:
+                query_pos = self.query_embedding(sine_embed_points(reference, C // 2))
+                cross_attn_mask = None
+                if self.ray_bias_scale is not None:
+                    cross_attn_mask = self.ray_attention_bias(reference, lidar2img, pad_shape, (H, W))
+            content = layer(content, memory, query_pos, pos, key_padding_mask, self_attn_mask, cross_attn_mask)
+            logits, boxes, centres = self.branches(i, self.decoder.norm(content), reference)
+            cls_out.append(logits)
+            box_out.append(boxes)
+            if self.with_box_refine:
+                # Gradients do not flow through the next layer's anchors (as in Deformable DETR and DETR3D).
+                reference = centres.detach()
+        return torch.stack(cls_out), torch.stack(box_out)
