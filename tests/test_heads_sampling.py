@@ -9,7 +9,7 @@ import torch.nn as nn
 from bev3d.geometry import intrinsics_4x4, project_points, transform_matrix, transform_points
 from bev3d.models.heads.box_coder import denormalize_points
 from bev3d.models.heads.detr3d_sampling import SAMPLERS, project_to_cameras, sample_multiview
-from bev3d.models.heads.petr import PETRHead, depth_bins, padding_mask
+from bev3d.models.heads.petr import PETRHead, camera_rays, depth_bins, padding_mask
 
 PAD = (64, 96)  # (H_pad, W_pad)
 STRIDES = (8, 16)
@@ -110,7 +110,7 @@ def test_petr_ray_bias_peaks_at_the_cell_that_sees_the_anchor():
     point = _unproject(l2i, u, v, depth=12.0)
     lo, hi = np.array(pc_range[:3]), np.array(pc_range[3:])
     reference = torch.tensor((point - lo) / (hi - lo), dtype=torch.float32).view(1, 1, 3)
-    bias = head.ray_attention_bias(reference, lidar2img, PAD, (H, W))
+    bias = head.ray_attention_bias(reference, *camera_rays(lidar2img, PAD, (H, W)))
     assert bias.shape == (1, 2, 1, 2 * H * W)
     key = (cam * H + row) * W + col
     assert (bias.argmax(-1) == key).all() and bias[..., key].abs().max() < 1e-3

@@ -113,11 +113,11 @@ class PETRHead(nn.Module):
             points = inverse_sigmoid(normalize_points(points, self.position_range))
         return points.view(B * N, H, W, D * 3).permute(0, 3, 1, 2)
 
-    def ray_attention_bias(self, reference, lidar2img, pad_shape, feat_hw):
-        """reference (B, Q, 3) fractions of pc_range -> additive cross-attention bias (B, M, Q, N*H_f*W_f):
+    def ray_attention_bias(self, reference, centres, directions):
+        """reference (B, Q, 3) fractions of pc_range, camera_rays' centres (B, N, 3) and directions
+        (B, N, H_f*W_f, 3) -> additive cross-attention bias (B, M, Q, N*H_f*W_f):
         scale_m * (cos(angle between a cell's ray and the direction to the reference point) - 1)."""
         points = denormalize_points(reference, self.pc_range)  # (B, Q, 3) metres
-        centres, directions = camera_rays(lidar2img, pad_shape, feat_hw)  # (B, N, 3), (B, N, H*W, 3)
         to_point = points[:, None] - centres[:, :, None]  # (B, N, Q, 3)
         to_point = to_point / to_point.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         cos = to_point @ directions.transpose(-1, -2)  # (B, N, Q, H*W)
@@ -153,13 +153,12 @@ class PETRHead(nn.Module):
             content = torch.cat([content.new_zeros(B, denoising.num_queries, C), content], 1)
             self_attn_mask = denoising.attn_mask
         key_padding_mask = mask.reshape(B, N * H * W)
+        rays = None if self.ray_bias_scale is None else camera_rays(lidar2img, pad_shape, (H, W))
         cls_out, box_out = [], []
         for i, layer in enumerate(self.decoder.layers):
             if i == 0 or self.with_box_refine:
                 query_pos = self.query_embedding(sine_embed_points(reference, C // 2))
-                cross_attn_mask = None
-                if self.ray_bias_scale is not None:
-                    cross_attn_mask = self.ray_attention_bias(reference, lidar2img, pad_shape, (H, W))
+                cross_attn_mask = None if rays is None else self.ray_attention_bias(reference, *rays)
             content = layer(content, memory, query_pos, pos, key_padding_mask, self_attn_mask, cross_attn_mask)
             logits, boxes, centres = self.branches(i, self.decoder.norm(content), reference)
             cls_out.append(logits)

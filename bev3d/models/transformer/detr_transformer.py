@@ -66,11 +66,10 @@ class TransformerDecoder(nn.Module):
         self.layers = nn.ModuleList(TransformerDecoderLayer(embed_dims, **layer_kwargs) for _ in range(num_layers))
         self.norm = nn.LayerNorm(embed_dims)
 
-    def forward(self, tgt, memory, query_pos=None, pos=None, key_padding_mask=None, self_attn_mask=None,
-                cross_attn_mask=None):
+    def forward(self, tgt, memory, query_pos=None, pos=None, key_padding_mask=None):
         outs = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, query_pos, pos, key_padding_mask, self_attn_mask, cross_attn_mask)
+            tgt = layer(tgt, memory, query_pos, pos, key_padding_mask)
             outs.append(self.norm(tgt))
         return torch.stack(outs)  # (num_layers, B, Q, C)
 
