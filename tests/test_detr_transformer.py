@@ -1,8 +1,11 @@
 import math
 
+import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from bev3d.models.transformer.attention import LowRankBias
 from bev3d.models.transformer import (MLP, MultiheadAttention, PositionEmbeddingLearned, PositionEmbeddingSine,
                                       TransformerDecoderLayer, inverse_sigmoid)
 
@@ -29,6 +32,45 @@ def test_attention_matches_torch_multihead_attention():
     expected, _ = ref(q + qp, k + kp, v, key_padding_mask=pad, attn_mask=~attn_mask)
     out = ours(q, k, v, query_pos=qp, key_pos=kp, key_padding_mask=pad, attn_mask=attn_mask)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_low_rank_bias_equals_the_dense_mask_and_its_gradients(padded):
+    """The factored bias (fused SDPA) and the same bias as a dense float mask (math path) agree, values
+    and gradients of the factors; under bf16 autocast too, with biases of hundreds like PETR's narrow
+    ray-bias heads."""
+    torch.manual_seed(0)
+    B, M, L, S, C, r = 2, 4, 6, 9, 32, 6
+    attn = MultiheadAttention(C, M).eval()
+    x, mem = torch.randn(B, L, C), torch.randn(B, S, C)
+    fq = (3 * torch.randn(B, M, L, r, dtype=torch.float64)).requires_grad_()
+    fk = torch.randn(B, S, r, dtype=torch.float64).requires_grad_()
+    pad = None
+    if padded:
+        pad = torch.zeros(B, S, dtype=torch.bool)
+        pad[1, 6:] = True
+    outs, grads = [], []
+    for factored in (True, False):
+        bias = LowRankBias(fq.float(), fk.float())
+        mask = bias if factored else bias.dense()
+        out = attn(x, mem, mem, key_padding_mask=pad, attn_mask=mask)
+        gq, gk = torch.autograd.grad((out * torch.linspace(-1, 1, C)).sum(), (fq, fk))
+        outs.append(out)
+        grads.append((gq, gk))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    # PETR's ray bias: 400 * cos(angle between unit vectors); the keys' rays all within a few degrees of
+    # the queries' directions, so logits differ by fractions of one on top of ~400
+    axis = F.normalize(torch.randn(B, 1, 1, 3), dim=-1)
+    u = F.normalize(axis + 0.05 * torch.randn(B, 1, L, 3), dim=-1)
+    d = F.normalize(axis[:, 0] + 0.05 * torch.randn(B, S, 3), dim=-1)
+    with torch.no_grad():
+        big = LowRankBias(400 * u.expand(B, M, L, 3), d)
+        expected = attn(x, mem, mem, key_padding_mask=pad, attn_mask=big.dense())
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the bias stays float32 under autocast
+            out = attn(x, mem, mem, key_padding_mask=pad, attn_mask=big)
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
 
 
 def test_self_attention_uses_query_pos_for_keys():

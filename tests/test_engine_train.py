@@ -7,7 +7,7 @@ import torch
 from bev3d.engine import checkpoint as ckpt_mod
 from bev3d.engine.checkpoint import load_checkpoint, save_checkpoint
 from bev3d.engine.optim import build_optimizer, lr_factor
-from bev3d.engine.train import Trainer, seed_everything
+from bev3d.engine.train import Trainer, resolve_amp, seed_everything
 from bev3d.errors import Bev3dError
 from engine_toy import ToyDataset, ToyModel, toy_config
 
@@ -146,7 +146,25 @@ def test_accumulation_matches_larger_batch(tmp_path):
         assert torch.allclose(pa, pb, atol=1e-6), name
 
 
-def test_bf16_autocast_trains(tmp_path):
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Pretend the CPU has AMX, so the bf16 path runs on any CI machine."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+
+
+def test_cpu_amp_falls_back_without_native_bf16(monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    warnings = []
+    assert resolve_amp("bf16", torch.device("cpu"), warn=warnings.append) == "off"
+    assert resolve_amp("fp16", torch.device("cpu"), warn=warnings.append) == "off"
+    assert len(warnings) == 2 and "AVX512-BF16 or AMX" in warnings[0]
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_amp("bf16", torch.device("cpu"), warn=warnings.append) == "bf16"
+    assert resolve_amp("fp16", torch.device("cpu"), warn=warnings.append) == "bf16"
+
+
+def test_bf16_autocast_trains(tmp_path, native_bf16):
     t = _train(toy_config(tmp_path, amp="bf16", max_epochs=3))
     losses = [r["loss_mse"] for r in _log(tmp_path) if r["mode"] == "train"]
     assert all(math.isfinite(v) for v in losses)

@@ -65,9 +65,19 @@ def autocast(device, amp):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def cpu_has_native_bf16():
+    """AVX512-BF16 or AMX. Without them the CPU's bf16 kernels convert to float32 and run slower than it."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
 def resolve_amp(amp, device, warn=print):
     if amp not in AMP_DTYPES:
         raise Bev3dError(f"Config key train.amp is {amp!r}; valid values: off, bf16, fp16.")
+    if device.type == "cpu" and amp in ("fp16", "bf16") and not cpu_has_native_bf16():
+        warn(f"train.amp={amp}: this CPU has no native bf16 (AVX512-BF16 or AMX), where autocast is slower than "
+             f"float32; running in float32 (train.amp=off).")
+        return "off"
     if amp == "fp16" and device.type == "cpu":
         warn("train.amp=fp16 needs a CUDA GPU; using bf16 autocast on the CPU instead.")
         return "bf16"

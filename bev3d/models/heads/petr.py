@@ -13,6 +13,7 @@ import torch.nn as nn
 from bev3d.geometry import transform_points
 from bev3d.models.heads.box_coder import denormalize_points, normalize_points
 from bev3d.models.heads.common import PredictionBranches, sine_embed_points
+from bev3d.models.transformer.attention import LowRankBias
 from bev3d.models.transformer.detr_transformer import TransformerDecoder
 from bev3d.models.transformer.position_encoding import PositionEmbeddingSine
 from bev3d.models.transformer.utils import inverse_sigmoid
@@ -115,15 +116,20 @@ class PETRHead(nn.Module):
 
     def ray_attention_bias(self, reference, centres, directions):
         """reference (B, Q, 3) fractions of pc_range, camera_rays' centres (B, N, 3) and directions
-        (B, N, H_f*W_f, 3) -> additive cross-attention bias (B, M, Q, N*H_f*W_f):
-        scale_m * (cos(angle between a cell's ray and the direction to the reference point) - 1)."""
+        (B, N, H_f*W_f, 3) -> cross-attention bias scale_m * cos(angle between a cell's ray and the direction
+        from the cell's camera to the reference point), as a LowRankBias of rank 3 N: per camera, the unit
+        vectors towards the point (queries) dotted with the cells' ray directions (keys), zero for other
+        cameras' cells. (Softmax ignores a constant per query: this is scale_m * (cos - 1) up to one.)"""
         points = denormalize_points(reference, self.pc_range)  # (B, Q, 3) metres
-        to_point = points[:, None] - centres[:, :, None]  # (B, N, Q, 3)
+        to_point = points[:, :, None] - centres[:, None]  # (B, Q, N, 3)
         to_point = to_point / to_point.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        cos = to_point @ directions.transpose(-1, -2)  # (B, N, Q, H*W)
-        B, N, Q, HW = cos.shape
-        cos = cos.permute(0, 2, 1, 3).reshape(B, 1, Q, N * HW)  # keys in memory order: camera, row, column
-        return (cos - 1) * self.ray_bias_scale.exp().view(1, -1, 1, 1)
+        B, Q, N, _ = to_point.shape
+        scale = self.ray_bias_scale.exp().view(1, -1, 1, 1)  # (1, M, 1, 1)
+        query = scale * to_point.reshape(B, 1, Q, N * 3)  # (B, M, Q, 3N)
+        HW = directions.shape[2]
+        own_camera = torch.eye(N, device=directions.device, dtype=directions.dtype).view(1, N, 1, N, 1)
+        key = (directions[:, :, :, None] * own_camera).reshape(B, N * HW, N * 3)  # keys in memory order
+        return LowRankBias(query, key)
 
     def forward(self, feats, lidar2img, img_shape, pad_shape, denoising=None):
         """feats: list of (B, N, C_in, H_l, W_l); lidar2img (B, N, 4, 4); img_shape (B, 2) valid (H, W).
@@ -152,7 +158,7 @@ class PETRHead(nn.Module):
             reference = torch.cat([denoising.reference, reference], 1)  # (B, P + Q, 3)
             content = torch.cat([content.new_zeros(B, denoising.num_queries, C), content], 1)
             self_attn_mask = denoising.attn_mask
-        key_padding_mask = mask.reshape(B, N * H * W)
+        key_padding_mask = mask.reshape(B, N * H * W) if mask.any() else None  # None keeps SDPA's fused kernels
         rays = None if self.ray_bias_scale is None else camera_rays(lidar2img, pad_shape, (H, W))
         cls_out, box_out = [], []
         for i, layer in enumerate(self.decoder.layers):
