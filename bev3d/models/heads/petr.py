@@ -86,7 +86,7 @@ class PETRHead(nn.Module):
         # PETR does not have to discover from the loss alone which tokens its anchor sees. The initial widths
         # span one feature cell (~3 degrees at stride 16, 1 - cos = 0.0014) to a near object (~30 degrees,
         # 0.13). Learned widths (and anchors that get a gradient through the bias) beat fixed ones in the
-        # rig-2 demo (mAP 0.216 vs 0.186) although the mask's gradient costs SDPA's fused kernel.
+        # rig-2 demo (mAP 0.216 vs 0.186).
         self.ray_bias_scale = None
         if ray_bias:
             self.ray_bias_scale = nn.Parameter(torch.linspace(math.log(400.0), math.log(6.0), num_heads))

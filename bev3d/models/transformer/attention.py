@@ -12,8 +12,8 @@ class LowRankBias(NamedTuple):
 
     MultiheadAttention appends the factors to its queries and keys, so the bias enters SDPA's q.k product
     and the fused kernels run: a dense (B, M, L, S) float mask that needs a gradient forces the math path,
-    which materialises the attention matrix (2-3x slower on CPU for PETR's ray bias, whose rank is 3 per
-    camera).
+    which materialises the attention matrix (2x slower per call on CPU for PETR's ray bias, whose rank is
+    3 per camera).
     """
 
     query: torch.Tensor  # (B, M, L, r)
