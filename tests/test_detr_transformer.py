@@ -5,9 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bev3d.models.transformer.attention import LowRankBias
-from bev3d.models.transformer import (MLP, MultiheadAttention, PositionEmbeddingLearned, PositionEmbeddingSine,
-                                      TransformerDecoderLayer, inverse_sigmoid)
+from bev3d.models.transformer import (MLP, LowRankBias, MultiheadAttention, PositionEmbeddingLearned,
+                                      PositionEmbeddingSine, TransformerDecoderLayer, inverse_sigmoid)
 
 
 def test_attention_matches_torch_multihead_attention():

@@ -1,5 +1,6 @@
-"""Benchmark the 3D detectors: parameters, forward latency and train-step time per sample, and
-DETR3D's two feature samplers (grid_sample vs ms_deform_attn).
+"""Benchmark the 3D detectors: parameters, forward latency and train-step time per sample, DETR3D's
+two feature samplers (grid_sample vs ms_deform_attn) and PETR's ray-bias cross-attention (factored
+LowRankBias vs the same bias as a dense mask).
 
     python tools/bench_heads.py                       # tiny configs on CPU + sampler comparison
     python tools/bench_heads.py --configs petr_r50_nus detr3d_r101_nus --device cuda --dtypes fp32 bf16
@@ -22,6 +23,7 @@ from bev3d.data.synthetic import RIG, scaled_intrinsics
 from bev3d.geometry import intrinsics_4x4, transform_matrix
 from bev3d.models import build_model
 from bev3d.models.heads.detr3d_sampling import SAMPLERS, sample_multiview
+from bev3d.models.transformer import LowRankBias, MultiheadAttention
 
 
 def rig_lidar2img(H, W):
@@ -124,14 +126,35 @@ def bench_samplers(device, repeats):
     return results
 
 
+def bench_ray_bias(device, repeats):
+    """One cross-attention of the tiny PETR, forward+backward: 150 queries + 300 denoising copies over
+    6 x 8 x 22 tokens, 128 channels, 4 heads, the ray bias (rank 3 per camera) factored or dense."""
+    g = torch.Generator().manual_seed(0)
+    B, Q, S, C, M, r = 2, 450, len(CAMERAS) * 8 * 22, 128, 4, 3 * len(CAMERAS)
+    attn = MultiheadAttention(C, M).to(device)
+    query = torch.randn(B, Q, C, generator=g).to(device).requires_grad_()
+    memory = torch.randn(B, S, C, generator=g).to(device).requires_grad_()
+    factors = (torch.randn(B, M, Q, r, generator=g).to(device).requires_grad_(),
+               torch.randn(B, S, r, generator=g).to(device))
+    results = []
+    for form in ("factored", "dense"):
+        def step():
+            bias = LowRankBias(*factors)
+            attn(query, memory, memory, attn_mask=bias if form == "factored" else bias.dense()).sum().backward()
+        wall, cpu = _time(step, device, repeats)
+        results.append({"ray_bias": form, "device": device.type, "fwd_bwd_ms": 1e3 * wall, "fwd_bwd_cpu_ms": 1e3 * cpu})
+    return results
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=["petr_tiny_synth", "detr3d_tiny_synth"])
+    p.add_argument("--configs", nargs="*", default=["petr_tiny_synth", "detr3d_tiny_synth"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-samplers", action="store_true", help="skip the sampler comparison")
+    p.add_argument("--no-ray-bias", action="store_true", help="skip the ray-bias attention comparison")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="bench_heads.json")
     args = p.parse_args()
@@ -139,7 +162,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     report = {"torch": torch.__version__, "host": platform.node(), "threads": torch.get_num_threads(),
-              "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "models": [], "samplers": []}
+              "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "models": [], "samplers": [],
+              "ray_bias": []}
     for name in args.configs:
         for dtype in args.dtypes:
             r = bench_model(name, device, dtype, args.batch_size, args.repeats)
@@ -153,6 +177,11 @@ def main():
         for r in bench_samplers(device, args.repeats):
             report["samplers"].append(r)
             print(f"sampler {r['shape']:14s} {r['sampler']:15s} fwd+bwd {r['fwd_bwd_ms']:8.1f} ms "
+                  f"(cpu {r['fwd_bwd_cpu_ms']:.1f})", flush=True)
+    if not args.no_ray_bias:
+        for r in bench_ray_bias(device, args.repeats):
+            report["ray_bias"].append(r)
+            print(f"PETR ray-bias cross-attention, {r['ray_bias']:8s} fwd+bwd {r['fwd_bwd_ms']:8.1f} ms "
                   f"(cpu {r['fwd_bwd_cpu_ms']:.1f})", flush=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
