@@ -45,18 +45,24 @@ inline Corners<T> corners_of(T x, T y, int64_t H, int64_t W, int64_t start) {
   const T w_im = x * static_cast<T>(W) - T(0.5);
   // Also rejects NaN, and keeps floor() in int64 range.
   c.any = h_im > T(-1) && w_im > T(-1) && h_im < static_cast<T>(H) && w_im < static_cast<T>(W);
-  if (!c.any) return c;
-  const int64_t h0 = static_cast<int64_t>(std::floor(h_im));
-  const int64_t w0 = static_cast<int64_t>(std::floor(w_im));
-  c.lh = h_im - static_cast<T>(h0);
-  c.lw = w_im - static_cast<T>(w0);
+  if (c.any) {
+    const int64_t h0 = static_cast<int64_t>(std::floor(h_im));
+    const int64_t w0 = static_cast<int64_t>(std::floor(w_im));
+    c.lh = h_im - static_cast<T>(h0);
+    c.lw = w_im - static_cast<T>(w0);
+    const bool h0_in = h0 >= 0, h1_in = h0 + 1 < H, w0_in = w0 >= 0, w1_in = w0 + 1 < W;
+    const int64_t base = start + h0 * W + w0;
+    c.row[0] = h0_in && w0_in ? base : -1;
+    c.row[1] = h0_in && w1_in ? base + 1 : -1;
+    c.row[2] = h1_in && w0_in ? base + W : -1;
+    c.row[3] = h1_in && w1_in ? base + W + 1 : -1;
+  } else {
+    // Off the map the sample is 0, and NaN at a non-finite location as in grid_sample: NaN
+    // fractions carry that through the weights into the output and all gradients.
+    c.lh = c.lw = std::isfinite(x) && std::isfinite(y) ? T(0) : T(NAN);
+    c.row[0] = c.row[1] = c.row[2] = c.row[3] = -1;
+  }
   const T hh = T(1) - c.lh, hw = T(1) - c.lw;
-  const bool h0_in = h0 >= 0, h1_in = h0 + 1 < H, w0_in = w0 >= 0, w1_in = w0 + 1 < W;
-  const int64_t base = start + h0 * W + w0;
-  c.row[0] = h0_in && w0_in ? base : -1;
-  c.row[1] = h0_in && w1_in ? base + 1 : -1;
-  c.row[2] = h1_in && w0_in ? base + W : -1;
-  c.row[3] = h1_in && w1_in ? base + W + 1 : -1;
   c.weight[0] = hh * hw;
   c.weight[1] = hh * c.lw;
   c.weight[2] = c.lh * hw;
@@ -286,8 +292,14 @@ void forward_cpu(const T* value, const int64_t* shapes, const int64_t* starts, c
       const Corners<T>* query_corners = corners.slot(q);
       for (int64_t j = 0; j < n.L * n.P; ++j) {
         const Corners<T>& c = query_corners[j];
-        if (!c.any) continue;
         const T a = attn[bqm * n.L * n.P + j];
+        if (!c.any) {
+          // weight * sample (0, or NaN at a non-finite location) is NaN for a non-finite weight too,
+          // as in the reference; only NaN compares unequal to zero here.
+          const T off_map = a * c.weight[0] * T(0);
+          if (off_map != T(0)) std::fill(o, o + n.D, off_map);
+          continue;
+        }
         const T w[4] = {a * c.weight[0], a * c.weight[1], a * c.weight[2], a * c.weight[3]};
         if (c.row[0] >= 0 && c.row[3] >= 0) {  // opposite corners inside -> all four are
           axpy4(o, w, v + c.row[0] * stride, v + c.row[1] * stride, v + c.row[2] * stride, v + c.row[3] * stride,
@@ -302,6 +314,7 @@ void forward_cpu(const T* value, const int64_t* shapes, const int64_t* starts, c
   });
 }
 
+// grad_value may be nullptr: value needs no gradient, and only the points' gradients are computed.
 template <typename T>
 void backward_cpu(const T* grad_out, const T* value, const int64_t* shapes, const int64_t* starts, const T* loc,
                   const T* attn, T* grad_value, T* grad_loc, T* grad_attn, const MsdaSizes& n) {
@@ -313,8 +326,11 @@ void backward_cpu(const T* grad_out, const T* value, const int64_t* shapes, cons
     const T* v = value + (b * n.S * n.M + m) * n.D;  // position s at v + s * stride
     // grad of this head's map, dense (S, D): the scatter stays within a few MB of cache instead of
     // striding over all heads' rows, and grad_value is then written once, in order.
-    T* acc = static_cast<T*>(accumulator.get(sizeof(T) * n.S * n.D));
-    std::fill(acc, acc + n.S * n.D, T(0));
+    T* acc = nullptr;
+    if (grad_value != nullptr) {
+      acc = static_cast<T*>(accumulator.get(sizeof(T) * n.S * n.D));
+      std::fill(acc, acc + n.S * n.D, T(0));
+    }
     const auto prepare = [&](int64_t q) {
       prepare_query(loc, (b * n.Q + q) * n.M + m, shapes, starts, n, v, stride, acc, corners.slot(q));
     };
@@ -330,10 +346,6 @@ void backward_cpu(const T* grad_out, const T* value, const int64_t* shapes, cons
         for (int64_t p = 0; p < n.P; ++p) {
           const int64_t i = (bqm * n.L + l) * n.P + p;
           const Corners<T>& c = query_corners[l * n.P + p];
-          if (!c.any) {
-            grad_attn[i] = grad_loc[2 * i] = grad_loc[2 * i + 1] = T(0);
-            continue;
-          }
           // s_k = <grad_out, value at corner k>; corners outside the map hold zeros.
           T s[4];
           for (int k = 0; k < 4; ++k) s[k] = c.row[k] >= 0 ? dot(go, v + c.row[k] * stride, n.D) : T(0);
@@ -342,13 +354,14 @@ void backward_cpu(const T* grad_out, const T* value, const int64_t* shapes, cons
           grad_attn[i] = c.weight[0] * s[0] + c.weight[1] * s[1] + c.weight[2] * s[2] + c.weight[3] * s[3];
           grad_loc[2 * i] = a * static_cast<T>(W) * (hh * (s[1] - s[0]) + c.lh * (s[3] - s[2]));
           grad_loc[2 * i + 1] = a * static_cast<T>(H) * (hw * (s[2] - s[0]) + c.lw * (s[3] - s[1]));
+          if (acc == nullptr) continue;
           for (int k = 0; k < 4; ++k) {
             if (c.row[k] >= 0) axpy(acc + c.row[k] * n.D, a * c.weight[k], go, n.D);
           }
         }
       }
     }
-    store_rows(grad_value + (b * n.S * n.M + m) * n.D, stride, acc, n.S, n.D);
+    if (acc != nullptr) store_rows(grad_value + (b * n.S * n.M + m) * n.D, stride, acc, n.S, n.D);
   });
 }
 
@@ -377,7 +390,8 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value_, const at::Tensor& spatia
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output_, const at::Tensor& value_, const at::Tensor& spatial_shapes_,
-    const at::Tensor& level_start_index_, const at::Tensor& sampling_locations_, const at::Tensor& attention_weights_) {
+    const at::Tensor& level_start_index_, const at::Tensor& sampling_locations_, const at::Tensor& attention_weights_,
+    bool compute_grad_value) {
   const MsdaSizes n =
       check_msda_inputs(value_, spatial_shapes_, level_start_index_, sampling_locations_, attention_weights_);
   check_cpu(value_, sampling_locations_);
@@ -388,13 +402,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                    shapes = spatial_shapes_.contiguous(), starts = level_start_index_.contiguous(),
                    loc = sampling_locations_.contiguous(), attn = attention_weights_.contiguous();
   // Every element is written by the kernel, grad_value by the task owning its (b, m) slice.
-  at::Tensor grad_value = empty_output(value.sizes(), value.options()), grad_loc = at::empty_like(loc),
-             grad_attn = at::empty_like(attn);
+  at::Tensor grad_value = compute_grad_value ? empty_output(value.sizes(), value.options())
+                                             : at::empty({0}, value.options());
+  at::Tensor grad_loc = at::empty_like(loc), grad_attn = at::empty_like(attn);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     backward_cpu<scalar_t>(grad_out.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(),
                            starts.data_ptr<int64_t>(), loc.data_ptr<scalar_t>(), attn.data_ptr<scalar_t>(),
-                           grad_value.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(),
-                           grad_attn.data_ptr<scalar_t>(), n);
+                           compute_grad_value ? grad_value.data_ptr<scalar_t>() : nullptr,
+                           grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(), n);
   });
   return {grad_value, grad_loc, grad_attn};
 }
@@ -407,7 +422,7 @@ TORCH_LIBRARY(bev3d, m) {
       "Tensor attention_weights) -> Tensor");
   m.def(
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-      "Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)");
+      "Tensor sampling_locations, Tensor attention_weights, bool compute_grad_value=True) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bev3d, CPU, m) {

@@ -10,11 +10,14 @@
 // within its group with xor shuffles, so grad of locations and weights is written once per point
 // without atomics; grad_value is scattered with float32 (float64 for double) atomics, vectorised on
 // sm_90. Coordinates and accumulation are float32 for float16/bfloat16/float32 inputs. Offsets are
-// int64 throughout; H and W must be < 2^27 (they share a shuffled word with the corner mask).
+// int64 throughout. The level table is checked on the device, by every point against its own level
+// (reading it on the host would synchronise): a mismatch stops the kernel with an assertion.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cassert>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -27,6 +30,7 @@ constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // beyond this the grid-stride loops take over
+constexpr int64_t kMaxSide = int64_t(1) << 27;    // H shares a shuffled int with the corner mask (H << 4)
 
 template <typename T>
 struct AccOf {
@@ -99,20 +103,42 @@ struct Point {
   A a;           // attention weight
 };
 
+// Level l must hold 1 <= H, W < 2^27 and span [starts[l], starts[l + 1]) (up to S for the last level)
+// with starts[0] = 0: then every corner row read is inside value. The wrapper and the CPU op check the
+// same on the host with the numbers in the message; a direct call on GPU tensors only gets this.
+__device__ __forceinline__ void check_level(int l, int64_t H, int64_t W, const int64_t* __restrict__ starts,
+                                            const MsdaSizes& n) {
+  const int64_t start = starts[l], next = l + 1 < n.L ? starts[l + 1] : n.S;
+  const bool ok = H >= 1 && W >= 1 && H < kMaxSide && W < kMaxSide && start >= 0 && start <= next && next <= n.S &&
+                  next - start == H * W && (l > 0 || start == 0);
+  if (!ok) {
+    __assert_fail(
+        "ms_deform_attn: spatial_shapes/level_start_index do not match value: each level needs 1 <= H, W < 2^27, "
+        "level_start_index must be the exclusive cumulative sum of H*W and sum(H*W) must equal S of value "
+        "(B, S, M, D); call it on CPU tensors to get the values named",
+        __FILE__, __LINE__, __func__);
+  }
+}
+
 // Pixel centres sit at (i + 0.5) / W, as in grid_sample(align_corners=False, padding_mode="zeros").
 template <typename T, typename A>
 __device__ __forceinline__ Point<A> prepare_point(int i, int n_pts, int64_t point0, const int64_t* __restrict__ shapes,
                                                   const int64_t* __restrict__ starts, const A* __restrict__ loc,
-                                                  const T* __restrict__ attn, int P) {
+                                                  const T* __restrict__ attn, const MsdaSizes& n) {
   Point<A> pt{0, 1, 0, A(0), A(0), A(0)};
   if (i >= n_pts) return pt;
-  const int l = i / P;  // 32-bit: 64-bit division is slow on GPUs
+  const int l = i / static_cast<int>(n.P);  // 32-bit: 64-bit division is slow on GPUs
   const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+  check_level(l, H, W, starts, n);
   const int64_t idx = point0 + i;
-  const A h_im = loc[2 * idx + 1] * static_cast<A>(H) - A(0.5);
-  const A w_im = loc[2 * idx] * static_cast<A>(W) - A(0.5);
+  const A x = loc[2 * idx], y = loc[2 * idx + 1];
+  const A h_im = y * static_cast<A>(H) - A(0.5);
+  const A w_im = x * static_cast<A>(W) - A(0.5);
   pt.w = static_cast<int>(W);
   pt.a = to_acc(attn[idx]);
+  // The sample at a non-finite location is NaN, as in grid_sample: NaN fractions carry it through
+  // the bilinear weights of both passes while the corner mask stays empty.
+  if (!isfinite(x) || !isfinite(y)) pt.lh = pt.lw = A(NAN);
   int mask = 0;
   // Also rejects NaN and keeps the float -> int64 conversion in range.
   if (h_im > A(-1) && w_im > A(-1) && h_im < static_cast<A>(H) && w_im < static_cast<A>(W)) {
@@ -167,7 +193,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[e] = A(0);
     for (int base = 0; base < n_pts; base += kWarp) {
-      const Point<A> mine = prepare_point(base + lane, n_pts, point0, shapes, starts, loc, attn, static_cast<int>(n.P));
+      const Point<A> mine = prepare_point(base + lane, n_pts, point0, shapes, starts, loc, attn, n);
       const int count = min(kWarp, n_pts - base);
       for (int j = 0; j < count; j += groups) {  // uniform across the warp: shuffles stay convergent
         const Point<A> pt = shuffle_point(mine, j + g);
@@ -185,6 +211,12 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
               for (int e = 0; e < VEC; ++e) acc[e] += w[k] * x[e];
             }
           }
+        } else if (j + g < count && active) {
+          // Off the map the sample is 0 (NaN at a non-finite location, whose lh is NaN); adding
+          // weight * sample keeps the reference's NaN for a non-finite weight too.
+          const A off_map = pt.a * pt.lh * A(0);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[e] += off_map;
         }
       }
     }
@@ -226,7 +258,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     const T* go = grad_out + bqm * n.D;
     const int64_t point0 = bqm * n_pts;
     for (int base = 0; base < n_pts; base += kWarp) {
-      const Point<A> mine = prepare_point(base + lane, n_pts, point0, shapes, starts, loc, attn, static_cast<int>(n.P));
+      const Point<A> mine = prepare_point(base + lane, n_pts, point0, shapes, starts, loc, attn, n);
       const int count = min(kWarp, n_pts - base);
       for (int j = 0; j < count; j += groups) {  // uniform across the warp: shuffles stay convergent
         const Point<A> pt = shuffle_point(mine, j + g);
@@ -244,15 +276,17 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
             for (int k = 0; k < 4; ++k) {
               if (mask & (1 << k)) {
                 const int64_t offset = slice + row[k] * row_stride + c * VEC;
-                A x[VEC], gv[VEC];
+                A x[VEC];
                 load_vec<T, VEC>(value + offset, x);
-                const A scale = pt.a * w[k];
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) {
-                  s[k] += gy[e] * x[e];
-                  gv[e] = scale * gy[e];
+                for (int e = 0; e < VEC; ++e) s[k] += gy[e] * x[e];
+                if (grad_value != nullptr) {
+                  const A scale = pt.a * w[k];
+                  A gv[VEC];
+#pragma unroll
+                  for (int e = 0; e < VEC; ++e) gv[e] = scale * gy[e];
+                  atomic_add_vec<A, VEC>(grad_value + offset, gv);
                 }
-                atomic_add_vec<A, VEC>(grad_value + offset, gv);
               }
             }
           }

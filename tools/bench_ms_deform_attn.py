@@ -1,4 +1,4 @@
-"""Benchmark bev3d.ops.ms_deform_attn backends (and the torch-ms-deform-attn peer when installed).
+"""Benchmark bev3d.ops.ms_deform_attn backends (and the torch-ms-deform-attn peer where it runs on the device).
 
 Prints a table and saves JSON with, per (shape, backend): median forward and forward+backward time,
 peak memory (CUDA only; no allocator statistics exist for CPU tensors) and the max abs difference
@@ -9,7 +9,7 @@ from a float64 reference output. Backends take turns within each timing round.
 """
 
 import argparse
-import importlib.util
+import importlib
 import json
 import platform
 import statistics
@@ -29,11 +29,13 @@ SHAPES = {
     "decoder900": (2, DETR_LEVELS, 8, 32, 4, 900),
     "detr3d": (1, DETR3D_LEVELS, 8, 32, 1, 900),
 }
+PROBE = (1, [(2, 3)], 1, 4, 1, 3)  # a tiny call that shows whether a backend runs on a device at all
 DEFAULT_SHAPES = {"cpu": "decoder300,decoder900,detr3d", "cuda": ",".join(SHAPES)}
 
 
-def make_inputs(name, device, dtype, seed=0):
-    B, levels, M, D, P, Q = SHAPES[name]
+def make_inputs(shape, device, dtype, seed=0):
+    """shape: (B, levels, M, D, P, Q) as in SHAPES."""
+    B, levels, M, D, P, Q = shape
     g = torch.Generator().manual_seed(seed)
     shapes = torch.tensor(levels, dtype=torch.long)
     areas = shapes.prod(1)
@@ -47,11 +49,29 @@ def make_inputs(name, device, dtype, seed=0):
             weights.to(device, dtype))
 
 
+def default_backends(device):
+    """(backends to time on `device`, {backend: why it is left out}). The peer is timed only where a
+    tiny call on the device works: a build without CUDA kernels would otherwise fail mid-run."""
+    backends, skipped = ["reference", device], {}
+    try:
+        importlib.import_module("torch_ms_deform_attn")
+    except ImportError:
+        skipped["peer"] = "torch_ms_deform_attn is not installed"
+        return backends, skipped
+    value, shapes, starts, loc, weights = make_inputs(PROBE, device, torch.float32)
+    try:
+        out = backend_fn("peer")(value, shapes, starts, loc, weights)
+        if out.shape != (1, 3, 4) or out.device != value.device:
+            raise RuntimeError(f"returned shape {tuple(out.shape)} on {out.device}, expected (1, 3, 4) on {device}")
+    except Exception as exc:  # whatever the peer raises means it cannot be timed here
+        skipped["peer"] = f"torch_ms_deform_attn does not run on {device}: {type(exc).__name__}: {exc}"
+        return backends, skipped
+    return backends + ["peer"], skipped
+
+
 def backend_fn(backend):
     if backend == "peer":
-        from torch_ms_deform_attn import ms_deform_attn as peer
-
-        return peer
+        return importlib.import_module("torch_ms_deform_attn").ms_deform_attn
     if backend == "reference":
         return ms_deform_attn_reference
     return lambda *args: ms_deform_attn(*args, backend=backend)
@@ -70,7 +90,7 @@ def timed(fn, device):
 
 def bench_shape(name, backends, device, dtype, repeat, warmup=1):
     """Rows for one shape. Backends take turns within each round, so load changes hit them alike."""
-    value, shapes, starts, loc, weights = make_inputs(name, device, dtype)
+    value, shapes, starts, loc, weights = make_inputs(SHAPES[name], device, dtype)
     grads = [t.requires_grad_() for t in (value, loc, weights)]
     fns = {backend: backend_fn(backend) for backend in backends}
     with torch.no_grad():
@@ -129,8 +149,12 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     shapes = (args.shapes or DEFAULT_SHAPES[args.device]).split(",")
-    peer = importlib.util.find_spec("torch_ms_deform_attn") is not None
-    backends = args.backends.split(",") if args.backends else ["reference", args.device] + (["peer"] if peer else [])
+    if args.backends:
+        backends = args.backends.split(",")
+    else:
+        backends, skipped = default_backends(args.device)
+        for backend, why in skipped.items():
+            print(f"not timing {backend}: {why}")
     repeat = args.repeat or (5 if args.device == "cpu" else 50)
     dtype = getattr(torch, args.dtype)
     rows = []

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from bev3d.ops import _library
+
 # bev3d/csrc links to the top-level csrc/ so that installed wheels carry the kernel sources too.
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CPU_SOURCES = ("ms_deform_attn_cpu.cpp",)
@@ -37,9 +39,7 @@ def load_extension(verbose=False):
     except Exception as exc:  # a compiler error, a missing toolchain, a linker error: all mean "no kernel"
         _error = f"building the C++ extension failed ({_last_line(exc)})"
         return _error
-    from bev3d.ops.deform_attn import register_op_impls
-
-    register_op_impls()
+    _library.register_op_impls()
     _with_cuda = with_cuda
     return None
 

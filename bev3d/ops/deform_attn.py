@@ -4,6 +4,10 @@ Shapes: value (B, S, M, D), spatial_shapes (L, 2) as (H, W), level_start_index (
 sampling_locations (B, Q, M, L, P, 2) as normalised (x, y), attention_weights (B, Q, M, L, P)
 -> output (B, Q, M*D). A location samples bilinearly with pixel centres at (i + 0.5) / W and
 zeros outside the map, exactly like grid_sample(align_corners=False, padding_mode="zeros").
+
+One dtype rule for every caller and backend (autocast included, where softmax hands over float32
+weights next to a float16/bfloat16 value): the weights take value's dtype, the locations too, except
+that float16/bfloat16 values take float32 locations (bf16 resolves only 1/256 of the map width near x = 1).
 """
 
 import warnings
@@ -16,6 +20,8 @@ from bev3d.ops import build
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": _FLOAT_DTYPES}
+
+_MAX_SIDE = 1 << 27  # the CUDA kernel keeps H in an int beside a 4-bit corner mask
 
 _warned_fallback = False
 
@@ -59,6 +65,7 @@ def _reference(value, spatial_shapes, level_start_index, sampling_locations, att
     _, Q, _, L, P, _ = sampling_locations.shape
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     starts = [int(s) for s in level_start_index.tolist()]
+    _check_levels(shapes, starts, S)  # read on the host anyway, also when the tensors live on a GPU
     grids = (2 * sampling_locations - 1).to(value.dtype)  # grid_sample wants [-1, 1]
     sampled = []
     for lvl, ((H, W), start) in enumerate(zip(shapes, starts)):
@@ -72,7 +79,7 @@ def _reference(value, spatial_shapes, level_start_index, sampling_locations, att
 
 
 def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Validate shapes, dtypes and devices; return the five tensors made contiguous."""
+    """Validate shapes, dtypes and devices; return the five tensors contiguous, in the dtypes of the rule above."""
     named = dict(value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
                  sampling_locations=sampling_locations, attention_weights=attention_weights)
     for name, t in named.items():
@@ -99,29 +106,28 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
     if attention_weights.shape != (B, Q, M, L, P):
         raise ValueError(f"attention_weights must have shape (B, Q, M, L, P) = ({B}, {Q}, {M}, {L}, {P}), "
                          f"got {tuple(attention_weights.shape)}")
-    if attention_weights.dtype != value.dtype:
-        raise ValueError(f"attention_weights must have value's dtype {value.dtype}, got {attention_weights.dtype}")
-    low_precision = value.dtype in (torch.float16, torch.bfloat16)
-    if sampling_locations.dtype != value.dtype and not (low_precision and sampling_locations.dtype == torch.float32):
-        raise ValueError(f"sampling_locations must have value's dtype {value.dtype} (or float32 when value is "
-                         f"float16/bfloat16), got {sampling_locations.dtype}")
+    for name in ("sampling_locations", "attention_weights"):
+        if not named[name].is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor (it is cast to value's dtype), "
+                             f"got {named[name].dtype}")
     for name, t in named.items():
         if t.device != value.device:
             raise ValueError(f"{name} is on {t.device} but value is on {value.device}; put all inputs on one device")
-    if not torch.compiler.is_compiling():
-        _check_levels(spatial_shapes, level_start_index, S)
+    # Read on the host only where that is free: on a GPU it would synchronise every call (and break CUDA
+    # graph capture), so the CUDA kernel checks the levels it reads on the device instead.
+    if value.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_levels(spatial_shapes.tolist(), level_start_index.tolist(), S)
+    loc_dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
     return (value.contiguous(), spatial_shapes.long().contiguous(), level_start_index.long().contiguous(),
-            sampling_locations.contiguous(), attention_weights.contiguous())
+            sampling_locations.to(loc_dtype).contiguous(), attention_weights.to(value.dtype).contiguous())
 
 
-def _check_levels(spatial_shapes, level_start_index, S):
-    # Needs the values on the host: the kernels index value with them, so a mismatch would read out of bounds.
-    shapes = spatial_shapes.tolist()
-    starts = level_start_index.tolist()
+def _check_levels(shapes, starts, S):
+    """shapes [[H, W], ...] and starts [int, ...] (host lists) against S; the kernels index value with them."""
     expected, total = [], 0
     for h, w in shapes:
-        if h < 1 or w < 1:
-            raise ValueError(f"spatial_shapes must hold positive (H, W) per level, got {shapes}")
+        if not (1 <= h < _MAX_SIDE and 1 <= w < _MAX_SIDE):
+            raise ValueError(f"spatial_shapes must hold (H, W) with 1 <= H, W < 2^27 per level, got {shapes}")
         expected.append(total)
         total += h * w
     if total != S:
@@ -147,29 +153,3 @@ def _warn_fallback_once(reason):
         warnings.warn(f"bev3d.ops.ms_deform_attn: using the slow PyTorch reference ({reason}). "
                       f"Run `bev3d build-ops --verbose` to see why the kernel is missing.", stacklevel=3)
 
-
-def register_op_impls():
-    """Fake (meta) and autograd implementations of the compiled bev3d::ms_deform_attn op.
-
-    Called once, right after the compiled library defined the op schema.
-    """
-    @torch.library.register_fake("bev3d::ms_deform_attn")
-    def _fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        B, _, M, D = value.shape
-        return value.new_empty((B, sampling_locations.shape[1], M * D))
-
-    @torch.library.register_fake("bev3d::ms_deform_attn_backward")
-    def _fake_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                       attention_weights):
-        return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-        grad_value, grad_loc, grad_attn = torch.ops.bev3d.ms_deform_attn_backward(
-            grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return grad_value, None, None, grad_loc, grad_attn
-
-    torch.library.register_autograd("bev3d::ms_deform_attn", backward, setup_context=setup_context)

@@ -1,0 +1,4 @@
+// Stands in for CUDA's <cuda_fp16.h> in the host emulation (see emu_cuda.h).
+#pragma once
+
+#include "emu_cuda.h"
