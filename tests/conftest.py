@@ -20,8 +20,8 @@ SYNTH_PARAMS = {"seed": 0, "train_scenes": 2, "val_scenes": 2, "samples_per_scen
 def _code_hash():
     pkg = Path(bev3d.__file__).parent
     h = hashlib.sha1()
-    for name in ("data/synthetic.py", "geometry.py", "constants.py"):
-        h.update((pkg / name).read_bytes())
+    for path in sorted((pkg / "data" / "synthetic").rglob("*.py")) + [pkg / "geometry.py", pkg / "constants.py"]:
+        h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
 

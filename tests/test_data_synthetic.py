@@ -11,6 +11,7 @@ from nuscenes.eval.detection.utils import category_to_detection_name
 
 from bev3d.constants import CAMERAS, CLASSES
 from bev3d.data import synthetic
+from bev3d.data.synthetic.scene import make_scene
 from bev3d.errors import Bev3dError
 from bev3d.geometry import transform_matrix, transform_points
 
@@ -134,8 +135,8 @@ def test_rig_uses_real_calibration(nusc):
 
 
 def test_deterministic_scene_layout():
-    a = synthetic._make_scene(np.random.default_rng([3, 1]), 5.0)
-    b = synthetic._make_scene(np.random.default_rng([3, 1]), 5.0)
+    a = make_scene(np.random.default_rng([3, 1]), 5.0)
+    b = make_scene(np.random.default_rng([3, 1]), 5.0)
     assert a[0] == b[0] and len(a[1]) == len(b[1])
     assert all(ta.x0 == tb.x0 and ta.label == tb.label for ta, tb in zip(a[1], b[1]))
 
