@@ -165,10 +165,9 @@ def build_parser():
 
 
 def _dry_run(args):
-    from bev3d.config import dump_config, load_config
+    from bev3d.config import cli_overrides, dump_config, load_config
 
-    overrides = list(args.opts) + ([f"data.root={args.data_root}"] if args.data_root else [])
-    print(dump_config(load_config(args.cfg, overrides)), end="")
+    print(dump_config(load_config(args.cfg, cli_overrides(args))), end="")
     return 0
 
 

@@ -4,9 +4,11 @@ A config file may name one `_base_: other.yaml` (path relative to the file); the
 file is deep-merged over its base, then `--opts a.b=c` overrides (values parsed
 with YAML scalar rules) are applied. Every key must exist in the dataclasses below
 and every value must have the field's type: mistakes are reported with the dotted
-key, the file it came from and the closest valid key.
+key, the file it came from and the closest valid key. A field may list its valid values
+(`metadata={"choices": ...}`); a value outside them is reported the same way.
 
-Which dataclass describes `model.head` depends on `model.type` (HEAD_CONFIGS).
+Which dataclass describes `model.head` depends on `model.type` (bev3d.models.registry.MODELS, where the
+head dataclasses live beside the model table).
 """
 
 import dataclasses
@@ -20,32 +22,38 @@ from typing import Optional
 import yaml
 
 from bev3d.errors import Bev3dError
+from bev3d.models.registry import MODELS, PETRHeadConfig
 
 # ----------------------------------------------------------------------------- schema
 
 
 @dataclass
 class BackboneConfig:
-    depth: int = 50  # 18 | 34 | 50 | 101
-    style: str = "pytorch"  # pytorch (stride on the 3x3 conv) | caffe (stride on the 1x1 conv)
+    type: str = field(default="resnet", metadata={"choices": ("resnet", "vovnet")})
+    depth: int = 50  # resnet: 18 | 34 | 50 | 101; vovnet: 39 | 57 | 99 (V-<depth>-eSE)
+    # resnet: pytorch (stride on the 3x3 conv) | caffe (stride on the 1x1 conv)
+    style: str = field(default="pytorch", metadata={"choices": ("pytorch", "caffe")})
     frozen_stages: int = -1  # -1: nothing frozen; 0: stem; k: stem + stages 1..k
     norm_eval: bool = True  # keep BatchNorm statistics frozen in train mode
     out_indices: list[int] = field(default_factory=lambda: [3])  # stages 0..3 -> C2..C5
     with_cp: bool = False  # gradient checkpointing in the residual blocks
     frozen_bn: bool = True  # FrozenBatchNorm2d (fixed statistics and affine) instead of BatchNorm2d
-    base_channels: int = 64  # stem width; stages have base, 2x, 4x, 8x (x4 for bottlenecks)
+    base_channels: int = 64  # resnet: stem width; stages have base, 2x, 4x, 8x (x4 for bottlenecks)
+    dcn_stages: list[int] = field(default_factory=list)  # resnet: stages 0..3 whose 3x3 convs are DCNv2
     weights: Optional[str] = None  # local torchvision or MSRA-caffe state dict
 
 
 @dataclass
 class NeckConfig:
-    type: str = "fpn"  # fpn | channel_mapper (1x1 projections, DETR's input_proj)
-    in_channels: list[int] = field(default_factory=lambda: [2048])
+    # fpn | channel_mapper (1x1 projections, DETR's input_proj); input channels come from the backbone
+    type: str = field(default="fpn", metadata={"choices": ("fpn", "channel_mapper")})
     out_channels: int = 256
     start_level: int = 0  # fpn only: first input that gets a lateral conv
     num_outs: int = 1  # levels beyond the inputs are extra stride-2 convs
-    extra_on: str = "input"  # fpn only: extra levels start from the last input | output
-    norm: str = "none"  # channel_mapper only: none | gn (GroupNorm(32), Deformable DETR)
+    extra_on: str = field(default="input", metadata={"choices": ("input", "output")})  # fpn: extra levels start from
+    norm: str = field(default="none", metadata={"choices": ("none", "gn")})  # channel_mapper: GroupNorm(32) or none
+    # fpn: a 3x3 output conv on every level, or on the first only (PETR's CPFPN)
+    output_convs: str = field(default="all", metadata={"choices": ("all", "first")})
 
 
 @dataclass
@@ -55,9 +63,10 @@ class LossConfig:
     giou_weight: float = 0.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    use_focal: bool = True  # False: softmax cross-entropy with a no-object class
+    use_focal: bool = True  # False: softmax cross-entropy with a no-object class (DETR)
     no_object_weight: float = 0.1
-    code_weights: list[float] = field(default_factory=lambda: [1.0] * 8 + [0.2, 0.2])
+    code_weights: list[float] = field(default_factory=lambda: [1.0] * 8 + [0.2, 0.2])  # 3D: per box-code entry
+    aux_loss: bool = True  # every decoder layer's predictions get the loss, not only the last layer's
 
 
 @dataclass
@@ -68,88 +77,24 @@ class MatcherConfig:
 
 
 @dataclass
-class DETRHeadConfig:
-    num_queries: int = 100
-    num_classes: int = 91
-    embed_dims: int = 256
-    num_heads: int = 8
-    num_encoder_layers: int = 6
-    num_decoder_layers: int = 6
-    ffn_dims: int = 2048
-    dropout: float = 0.1
-    aux_loss: bool = True
-    position_encoding: str = "sine"  # sine | learned
+class DenoisingConfig:
+    """Query denoising (bev3d.models.core.denoising), for the heads that support it."""
 
-
-@dataclass
-class DeformableDETRHeadConfig:
-    num_queries: int = 300
-    num_classes: int = 91
-    embed_dims: int = 256
-    num_heads: int = 8
-    num_encoder_layers: int = 6
-    num_decoder_layers: int = 6
-    ffn_dims: int = 1024
-    dropout: float = 0.1
-    num_levels: int = 4
-    num_points: int = 4
-    with_box_refine: bool = False
-    two_stage: bool = False  # queries = top num_queries encoder proposals
-    aux_loss: bool = True
-    attn_backend: str = "auto"  # ms_deform_attn backend: auto | reference | cpu | cuda
-
-
-@dataclass
-class PETRHeadConfig:
-    num_queries: int = 900
-    num_classes: int = 10
-    embed_dims: int = 256
-    num_heads: int = 8
-    num_decoder_layers: int = 6
-    ffn_dims: int = 2048
-    dropout: float = 0.1
-    in_level: int = 0  # which neck output the head attends to
-    depth_num: int = 64
-    depth_start: float = 1.0
-    position_range: list[float] = field(default_factory=lambda: [-61.2, -61.2, -10.0, 61.2, 61.2, 10.0])
-    with_2d_pe: bool = True
-    query_content: bool = False  # learned per-query decoder content instead of zeros (helps from-scratch training)
-    ray_bias: bool = False  # cross-attention prior from the angle between cell rays and query anchors (not official)
-    with_box_refine: bool = False  # each layer's predicted centres anchor the next layer (not official PETR)
-    denoising_groups: int = 0  # noisy ground-truth copies per box as extra training queries (StreamPETR's DN); 0 = off
-    denoising_noise: float = 1.0  # how far (in half box sizes) a copy's centre may move from its box
-
-
-@dataclass
-class DETR3DHeadConfig:
-    num_queries: int = 900
-    num_classes: int = 10
-    embed_dims: int = 256
-    num_heads: int = 8
-    num_decoder_layers: int = 6
-    ffn_dims: int = 512
-    dropout: float = 0.1
-    num_levels: int = 4
-    with_box_refine: bool = True
-    sampler: str = "ms_deform_attn"  # ms_deform_attn (faster, tools/bench_heads.py) | grid_sample
-
-
-HEAD_CONFIGS = {
-    "detr": DETRHeadConfig,
-    "deformable_detr": DeformableDETRHeadConfig,
-    "petr": PETRHeadConfig,
-    "detr3d": DETR3DHeadConfig,
-}
+    groups: int = 0  # noisy ground-truth copies per box as extra training queries; 0 = off
+    box_noise: float = 1.0  # how far (in half box sizes) a copy's centre may move from its box
+    label_noise: float = 0.0  # probability that a copy's input label is a random class (heads that embed labels)
+    positive_radius: float = 0.75  # copies moved by more than this (half box sizes) must predict background
 
 
 @dataclass
 class ModelConfig:
-    type: str = "petr"  # a key of HEAD_CONFIGS
+    type: str = "petr"  # a key of bev3d.models.registry.MODELS
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     neck: NeckConfig = field(default_factory=NeckConfig)
-    head: typing.Any = field(default_factory=PETRHeadConfig)
+    head: typing.Any = field(default_factory=PETRHeadConfig)  # the dataclass MODELS names for `type`
     loss: LossConfig = field(default_factory=LossConfig)
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
     pc_range: list[float] = field(default_factory=lambda: [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0])
     max_detections: int = 300  # NMS-free top-k over (query, class)
     score_threshold: float = 0.0
@@ -160,28 +105,40 @@ class ModelConfig:
         if name != "head":
             return None
         kind = raw.get("type", ModelConfig.type)
-        if kind not in HEAD_CONFIGS:
-            raise _ConfigKeyError("model.type", f"unknown model type {kind!r}; valid: {sorted(HEAD_CONFIGS)}")
-        return HEAD_CONFIGS[kind]
+        if kind not in MODELS:
+            raise _ConfigKeyError("model.type", f"unknown model type {kind!r}; valid: {sorted(MODELS)}")
+        return MODELS[kind].config
+
+
+@dataclass
+class CocoConfig:
+    """DETR's COCO transforms (data.type: coco)."""
+
+    short_side: int = 800  # test-time shorter side
+    max_size: int = 1333  # cap on the longer side, train and test
+    train_short_sides: list[int] = field(default_factory=list)  # training: one drawn per image; [] = short_side
+    crop_prob: float = 0.0  # probability of DETR's random-size crop augmentation
 
 
 @dataclass
 class DataConfig:
-    type: str = "nuscenes"  # nuscenes | coco
+    type: str = field(default="nuscenes", metadata={"choices": ("nuscenes", "coco")})
     root: str = "data/synth"
     version: str = "v1.0-mini"
     train_split: str = "mini_train"
     val_split: str = "mini_val"
-    image_size: list[int] = field(default_factory=lambda: [512, 1408])  # (H, W) fed to the network
-    resize_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # relative to the fitting scale
+    # camera-rig data (nuscenes): the (H, W) fed to the network and the training resize relative to the fitting scale
+    image_size: list[int] = field(default_factory=lambda: [512, 1408])
+    resize_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
     flip: bool = False
     rot_range: list[float] = field(default_factory=lambda: [0.0, 0.0])  # BEV rotation (rad)
     scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # BEV scale
     grid_mask_prob: float = 0.0
     photometric: bool = False
-    normalize: str = "caffe"  # caffe (BGR, std 1) | torchvision (RGB, ImageNet std)
+    # caffe (BGR, std 1) | torchvision (RGB, ImageNet std)
+    normalize: str = field(default="caffe", metadata={"choices": ("caffe", "torchvision")})
     pad_divisor: int = 32
-    crop_prob: float = 0.0  # coco only: probability of DETR's random-size crop augmentation
+    coco: CocoConfig = field(default_factory=CocoConfig)
     batch_size: int = 1
     num_workers: int = 2
     skip_bad_samples: bool = False
@@ -199,7 +156,7 @@ class TrainConfig:
     min_lr_ratio: float = 1e-3
     grad_clip: float = 35.0
     accumulate: int = 1
-    amp: str = "off"  # off | bf16 | fp16
+    amp: str = field(default="off", metadata={"choices": ("off", "bf16", "fp16")})  # autocast dtype
     seed: int = 0
     log_interval: int = 50
     ckpt_interval: int = 1  # epochs
@@ -223,6 +180,15 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     work_dir: str = "work_dirs/default"
 
+
+# Keys that have moved or become derived: their message replaces "unknown key".
+MOVED_KEYS = {
+    "model.neck.in_channels": "is derived from the backbone's output channels (model.backbone.out_indices); remove it",
+    "model.head.aux_loss": "has moved to model.loss.aux_loss",
+    "model.head.denoising_groups": "has moved to model.denoising.groups",
+    "model.head.denoising_noise": "has moved to model.denoising.box_noise",
+    "data.crop_prob": "has moved to data.coco.crop_prob",
+}
 
 # ----------------------------------------------------------------------------- loading
 
@@ -333,8 +299,12 @@ def _type_name(tp):
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _check_value(tp, value, key):
-    """Validate `value` against annotation `tp`; returns the (possibly converted) value."""
+def _check_value(tp, value, key, choices=None):
+    """Validate `value` against annotation `tp` (and the field's `choices`); returns the (possibly converted) value."""
+    if tp is str and value is False and choices and "off" in choices:
+        value = "off"  # YAML 1.1 reads `off` (and `false`, `no`) as a boolean
+    if choices is not None and not isinstance(value, (list, dict)) and value not in choices:
+        raise _ConfigKeyError(key, f"{value!r} is not one of {', '.join(map(str, choices))}")
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -365,12 +335,13 @@ def _build(cls, raw, prefix):
     if not isinstance(raw, dict):
         raise _ConfigKeyError(prefix.rstrip("."), f"expected a mapping for section {prefix.rstrip('.')}, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     kwargs = {}
     for key, value in raw.items():
         dotted = prefix + key
         if key not in names:
-            raise _ConfigKeyError(dotted, "unknown key")
+            raise _ConfigKeyError(dotted, MOVED_KEYS.get(dotted, "unknown key"))
         tp = hints[key]
         override = getattr(cls, "_field_type", None)
         sub = override(key, raw) if override else None
@@ -379,7 +350,7 @@ def _build(cls, raw, prefix):
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, dotted + ".")
         else:
-            kwargs[key] = _check_value(tp, value, dotted)
+            kwargs[key] = _check_value(tp, value, dotted, fields[key].metadata.get("choices"))
     for key in names - set(raw):
         override = getattr(cls, "_field_type", None)
         sub = override(key, raw) if override else None
@@ -391,10 +362,20 @@ def _build(cls, raw, prefix):
 def _valid_keys_for(raw):
     """Every dotted key valid for this raw config (the head section follows model.type)."""
     keys = _all_keys(Config)
-    head_cls = HEAD_CONFIGS.get((raw.get("model") or {}).get("type", ModelConfig.type))
-    if head_cls is not None:
-        keys += _all_keys(head_cls, "model.head.")
+    model = MODELS.get((raw.get("model") or {}).get("type", ModelConfig.type))
+    if model is not None:
+        keys += _all_keys(model.config, "model.head.")
     return keys
+
+
+def cli_overrides(args):
+    """`--opts` plus the CLI shortcuts `--data-root` and `--work-dir` of an argparse namespace, as overrides."""
+    overrides = list(getattr(args, "opts", None) or [])
+    if getattr(args, "data_root", None):
+        overrides.append(f"data.root={args.data_root}")
+    if getattr(args, "work_dir", None):
+        overrides.append(f"work_dir={args.work_dir}")
+    return overrides
 
 
 def load_config(path, overrides=()):
@@ -407,6 +388,7 @@ def load_config(path, overrides=()):
         _apply_override(raw, key, value)
         sources[key] = "--opts"
     try:
+        _check_dataset_keys(raw)
         return _build(Config, raw, "")
     except _ConfigKeyError as e:
         where = _source_of(e.key, sources, path)
@@ -415,6 +397,16 @@ def load_config(path, overrides=()):
             hint = f" Did you mean {close[0]}?" if close else " See docs/configs.md for the valid keys."
             raise Bev3dError(f"Unknown config key {e.key} in {where}.{hint}") from None
         raise Bev3dError(f"Config key {e.key} in {where}: {e.message}.") from None
+
+
+def _check_dataset_keys(raw):
+    """COCO images are sized by DETR's shorter-side rule, not by the camera-rig input size."""
+    data = raw.get("data") or {}
+    if data.get("type") == "coco":
+        for key in ("image_size", "resize_range"):
+            if key in data:
+                raise _ConfigKeyError(f"data.{key}", "is the camera-rig input size, which data.type: coco does not "
+                                      "use; size COCO images with data.coco.short_side, max_size and train_short_sides")
 
 
 def _source_of(key, sources, path):

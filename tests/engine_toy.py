@@ -1,4 +1,4 @@
-"""A tiny model and data set for the engine tests: they exercise the loop in milliseconds per step.
+"""A tiny model, criterion and data set for the engine tests: they exercise the loop in milliseconds per step.
 
 The data set draws "augmentation" noise from Python, NumPy and torch RNGs and the model has dropout, so
 a resume that forgets any RNG state is not bitwise exact.
@@ -37,7 +37,7 @@ class ToyDataset(torch.utils.data.Dataset):
             x = x + 0.01 * torch.randn(4) + 0.01 * float(np.random.randn()) + 0.01 * random.random()
         if self.nan_from is not None and self.calls >= self.nan_from:
             y = y * float("nan")
-        return {"x": x, "y": y}
+        return {"x": x, "targets": y}
 
 
 class ToyModel(nn.Module):
@@ -48,13 +48,25 @@ class ToyModel(nn.Module):
         self.norm = nn.LayerNorm(16)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(16, 1)
+        self.activation_dtypes = set()  # what the first linear layer computed in (autocast shows here)
 
-    def forward(self, batch):
-        h = self.norm(self.backbone(batch["x"]) + self.query_embed.sum(0))  # (B, 16)
-        pred = self.head(self.dropout(h))  # (B, 1)
-        if not self.training:
-            return pred
-        return {"loss_mse": ((pred.float() - batch["y"]) ** 2).mean(), "num_samples": torch.tensor(float(len(pred)))}
+    def forward(self, batch, targets=None):
+        features = self.backbone(batch["x"])
+        self.activation_dtypes.add(features.dtype)
+        h = self.norm(features + self.query_embed.sum(0))  # (B, 16)
+        return self.head(self.dropout(h))  # (B, 1)
+
+
+class ToyCriterion(nn.Module):
+    """The engine's criterion contract: loss terms, their weights, and a logged-only entry."""
+
+    weight_dict = {"loss_mse": 1.0}
+
+    def forward(self, pred, targets):
+        return {"loss_mse": ((pred.float() - targets) ** 2).mean(), "num_samples": torch.tensor(float(len(pred)))}
+
+    def weighted(self, losses):
+        return {k: self.weight_dict[k] * v for k, v in losses.items() if k in self.weight_dict}
 
 
 def toy_config(work_dir, **train):
@@ -73,7 +85,8 @@ def toy_config(work_dir, **train):
 def ddp_worker(rank, world_size, port, work_dir, batch_size):
     """One torchrun-like process of a CPU (gloo) data-parallel toy run."""
     from bev3d.engine.distributed import cleanup, init_distributed
-    from bev3d.engine.train import Trainer, seed_everything
+    from bev3d.engine.runtime import seed_everything
+    from bev3d.engine.train import Trainer
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -83,6 +96,6 @@ def ddp_worker(rank, world_size, port, work_dir, batch_size):
         cfg = toy_config(work_dir, max_epochs=1)
         cfg.data.batch_size = batch_size
         seed_everything(cfg.train.seed)
-        Trainer(cfg, ToyModel(dropout=0.0), ToyDataset(noise=False), device=device).fit()
+        Trainer(cfg, ToyModel(dropout=0.0), ToyCriterion(), ToyDataset(noise=False), device=device).fit()
     finally:
         cleanup()

@@ -88,6 +88,29 @@ def test_load_msra_caffe_layout(tmp_path):
     torch.testing.assert_close(model.eval()(x)[0], ref(x)[0], rtol=1e-3, atol=1e-3)
 
 
+def test_detector_checkpoints_load_their_backbone_and_foreign_files_are_an_error(tmp_path):
+    from bev3d.config import BackboneConfig
+    from bev3d.models.backbones import build_backbone
+
+    ref = ResNet(18, out_indices=[3])
+    nn.init.normal_(ref.conv1.weight)
+    # DETR / Deformable DETR: {"model": {"backbone.0.body.*", "transformer.*", ...}}
+    detr = {f"backbone.0.body.{k}": v for k, v in ref.state_dict().items()}
+    detr["transformer.decoder.norm.weight"] = torch.ones(4)
+    torch.save({"model": detr}, tmp_path / "detr.pth")
+    cfg = BackboneConfig(depth=18, out_indices=[3], weights=str(tmp_path / "detr.pth"))
+    torch.testing.assert_close(build_backbone(cfg).conv1.weight, ref.conv1.weight)
+    # mmdet3d: {"state_dict": {"img_backbone.*", ...}}
+    torch.save({"state_dict": {f"img_backbone.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "mm.pth")
+    cfg.weights = str(tmp_path / "mm.pth")
+    torch.testing.assert_close(build_backbone(cfg).conv1.weight, ref.conv1.weight)
+    # a ResNet-50 file for a ResNet-18 (or any other network): almost nothing fits -> an error naming keys
+    torch.save(ResNet(50).state_dict() | {"foo.bar": torch.zeros(1)}, tmp_path / "r50.pth")
+    cfg.weights = str(tmp_path / "r50.pth")
+    with pytest.raises(Bev3dError, match=r"r50.pth fill only \d+ of the backbone's \d+ tensors.*layer1.0.conv1.weight"):
+        build_backbone(cfg)
+
+
 def test_unreadable_weights_name_the_file(tmp_path):
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"not a checkpoint")

@@ -33,7 +33,8 @@ def test_synth_writes_valid_coco(shapes):
 
 
 def test_dataset_item_and_collate(shapes):
-    cfg = load_config("deformable_detr_tiny_shapes", [f"data.root={shapes}", "data.image_size=[128,192]"])
+    cfg = load_config("deformable_detr_tiny_shapes", [f"data.root={shapes}", "data.coco.short_side=128",
+                                                      "data.coco.max_size=192"])
     ds = build_coco_dataset(cfg.data, "train", train=False)  # resizes the 64-px side to 128
     raw = json.loads((shapes / "annotations" / "instances_train.json").read_text())
     item = ds[0]
@@ -68,8 +69,12 @@ def test_transforms_by_hand():
                                                      np.array([1, 2]))
     h, w = crop_img.shape[:2]
     assert labels.tolist() == [1] and np.allclose(cropped, [[0, 0, w, h]])  # the big box fills the crop
-    train = CocoTransforms(True, (800, 1333), (0.6, 1.0), flip=True)
-    assert train.resize.shorts == list(range(480, 801, 32))
+    train = CocoTransforms(True, 800, 1333, train_short_sides=[480, 800], flip=True)
+    assert train.resize.shorts == [480, 800] and train.resize.max_size == 1333
+    assert CocoTransforms(False, 800, 1333, train_short_sides=[480, 800]).resize.shorts == [800]
+    assert load_config("detr_r50_coco").data.coco.train_short_sides == list(range(480, 801, 32))  # DETR's scales
+    with pytest.raises(Bev3dError, match="data.image_size .* data.coco.short_side"):
+        load_config("detr_tiny_shapes", ["data.image_size=[128,128]"])
 
 
 def test_missing_annotations_is_a_user_error(tmp_path):

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from bev3d.cli import main as cli_main
-from bev3d.config import PETRHeadConfig, DETR3DHeadConfig, dump_config, load_config, config_from_dict, config_to_dict
+from bev3d.config import dump_config, load_config, config_from_dict, config_to_dict
+from bev3d.models.registry import DETR3DHeadConfig, PETRHeadConfig
 from bev3d.errors import Bev3dError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -101,9 +102,41 @@ def test_cli_debug_shows_traceback(tmp_path):
 
 def test_dry_run_prints_resolved_config(tmp_path, capsys):
     cfg = write(tmp_path / "c.yaml", {"train": {"seed": 11}})
-    assert cli_main(["train", "--cfg", str(cfg), "--dry-run", "--data-root", "/x/y", "--opts", "train.lr=0.1"]) == 0
+    assert cli_main(["train", "--cfg", str(cfg), "--dry-run", "--data-root", "/x/y", "--work-dir", "/w/d",
+                     "--opts", "train.lr=0.1"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["seed"] == 11 and printed["train"]["lr"] == 0.1 and printed["data"]["root"] == "/x/y"
+    assert printed["work_dir"] == "/w/d"  # what training would use
+
+
+@pytest.mark.parametrize("spelling", ["off", "false", "'off'", "no"])
+def test_amp_off_in_every_documented_spelling(tmp_path, spelling):
+    """YAML 1.1 reads off / false / no as a boolean: train.amp takes them as "off", on --opts and in files."""
+    assert load_config(write(tmp_path / "c.yaml", {}), [f"train.amp={spelling}"]).train.amp == "off"
+    (tmp_path / "f.yaml").write_text(f"train:\n  amp: {spelling}\n")
+    assert load_config(tmp_path / "f.yaml").train.amp == "off"
+    assert load_config(write(tmp_path / "c.yaml", {}), ["train.amp=bf16"]).train.amp == "bf16"
+
+
+def test_values_outside_a_fields_choices_name_the_key_and_the_choices(tmp_path):
+    ok = write(tmp_path / "ok.yaml", {})
+    with pytest.raises(Bev3dError, match=r"train.amp in --opts: 'bf61' is not one of off, bf16, fp16"):
+        load_config(ok, ["train.amp=bf61"])
+    with pytest.raises(Bev3dError, match=r"train.amp.*True is not one of"):
+        load_config(ok, ["train.amp=on"])  # YAML 1.1: on = true
+    with pytest.raises(Bev3dError, match=r"model.head.sampler.*'bilinear' is not one of ms_deform_attn, grid_sample"):
+        load_config("detr3d_tiny_synth", ["model.head.sampler=bilinear"])
+    with pytest.raises(Bev3dError, match=r"data.normalize.*'imagenet'"):
+        load_config(ok, ["data.normalize=imagenet"])
+
+
+def test_moved_and_derived_keys_say_where_they_went(tmp_path):
+    with pytest.raises(Bev3dError, match=r"model.neck.in_channels.*derived from the backbone"):
+        load_config("petr_tiny_synth", ["model.neck.in_channels=[128]"])
+    with pytest.raises(Bev3dError, match=r"model.head.denoising_groups.*model.denoising.groups"):
+        load_config("petr_tiny_synth", ["model.head.denoising_groups=3"])
+    with pytest.raises(Bev3dError, match=r"model.head.aux_loss.*model.loss.aux_loss"):
+        load_config("detr_tiny_shapes", ["model.head.aux_loss=false"])
 
 
 def test_every_subcommand_has_help_with_example():

@@ -228,7 +228,9 @@ def test_build_dataset_and_collate(synth_root):
     assert batch["img"].shape == (2, 6, 3, 128, 352) and batch["img"].dtype == torch.float32
     assert batch["lidar2img"].shape == (2, 6, 4, 4)
     assert batch["img_shape"] == [(128, 352), (128, 352)] and batch["pad_shape"] == (128, 352)
-    assert all(b.shape[1] == 9 for b in batch["gt_boxes"]) and batch["gt_labels"][0].dtype == torch.int64
+    targets = batch["targets"]
+    assert all(t["boxes"].shape[1] == 9 and t["boxes"].dtype == torch.float32 for t in targets)
+    assert all(t["labels"].dtype == torch.int64 and len(t["labels"]) == len(t["boxes"]) for t in targets)
     assert batch["infos"][0]["sample_token"] == batch["sample_token"][0] == train.get_info(0)["sample_token"]
     val = build_dataset(cfg, "mini_val")
     s = val[0]

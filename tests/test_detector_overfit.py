@@ -12,7 +12,7 @@ import torch
 
 from bev3d.config import load_config
 from bev3d.data import build_dataset, collate
-from bev3d.models import build_model
+from bev3d.models import build_criterion, build_model, build_postprocess
 
 THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
 
@@ -71,14 +71,15 @@ def test_tiny_detector_overfits_two_samples(name, lr, max_steps, synth_root):
     dataset = build_dataset(cfg, "train")
     batch = collate([dataset[0], dataset[len(dataset) - 1]])  # one sample of each training scene
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model, criterion, postprocess = build_model(cfg), build_criterion(cfg), build_postprocess(cfg)
+    targets = batch["targets"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     # A tenfold lr drop for the last half: the centres then settle within the 0.5 m threshold.
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [max_steps // 2], 0.1)
     best = 0.0
     for step in range(1, max_steps + 1):
         model.train()
-        loss = sum(model(batch).values())
+        loss = sum(criterion.weighted(criterion(model(batch, targets), targets)).values())
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 35.0)
@@ -87,7 +88,8 @@ def test_tiny_detector_overfits_two_samples(name, lr, max_steps, synth_root):
         if step % 25 == 0:
             model.eval()
             with torch.no_grad():
-                best = max(best, center_distance_ap(model(batch), batch["gt_boxes"], batch["gt_labels"]))
+                best = max(best, center_distance_ap(postprocess(model(batch), batch), [t["boxes"] for t in targets],
+                                                    [t["labels"] for t in targets]))
             if best >= 0.9:
                 break
     assert best >= 0.9, f"{name}: mAP {best:.3f} after {step} steps"

@@ -2,10 +2,8 @@ import pytest
 import torch
 
 from bev3d.config import load_config
-from bev3d.models import build_model
-from bev3d.models.losses import SetCriterion
-from bev3d.models.matcher import HungarianMatcher
-from bev3d.models.postprocess import postprocess_sigmoid, postprocess_softmax
+from bev3d.models import build_criterion, build_model, build_postprocess
+from bev3d.models.core import BoxCoder2D, HungarianMatcher, PostProcess, SetCriterion, SetPredictions
 
 
 def _batch(B=2, H=64, W=96):
@@ -27,19 +25,21 @@ def _batch(B=2, H=64, W=96):
 def test_train_and_eval_contract(name, opts):
     torch.manual_seed(0)
     cfg = load_config(name, opts + ["model.head.attn_backend=reference"] if "deformable" in name else opts)
-    model = build_model(cfg).train()
-    losses = model(_batch())
+    model, criterion, postprocess = build_model(cfg).train(), build_criterion(cfg), build_postprocess(cfg)
+    batch = _batch()
+    losses = criterion.weighted(criterion(model(batch, batch["targets"]), batch["targets"]))
     L = cfg.model.head.num_decoder_layers
     expected = {"loss_cls", "loss_bbox", "loss_giou"}
     expected |= {f"d{i}.{k}" for i in range(L - 1) for k in ("loss_cls", "loss_bbox", "loss_giou")}
     if cfg.model.head.__dict__.get("two_stage"):
         expected |= {"enc.loss_cls", "enc.loss_bbox", "enc.loss_giou"}
-    assert {k for k in losses if "loss" in k} == expected
+    assert set(losses) == expected
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
-    sum(v for k, v in losses.items() if "loss" in k).backward()
+    sum(losses.values()).backward()
     assert model.backbone.conv1.weight.grad.abs().sum() > 0
 
-    dets = model.eval()(_batch())
+    with torch.no_grad():
+        dets = postprocess(model.eval()(batch), batch)
     assert len(dets) == 2
     for det, (h, w) in zip(dets, [(128, 192), (64, 64)]):
         assert det["boxes"].shape == (len(det["scores"]), 4) and len(det["labels"]) == len(det["scores"])
@@ -53,7 +53,8 @@ def test_train_and_eval_contract(name, opts):
 def test_postprocess_softmax_by_hand():
     logits = torch.tensor([[[5.0, 0.0, 0.0], [0.0, 0.0, 9.0]]])  # query 1 is no-object (last logit)
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1]]])
-    (det,) = postprocess_softmax(logits, boxes, torch.tensor([[100.0, 200.0]]), max_detections=1)
+    postprocess = PostProcess(BoxCoder2D(), "softmax", max_detections=1)
+    (det,) = postprocess(SetPredictions(logits[None], boxes[None]), {"orig_size": [(100, 200)]})
     p = torch.softmax(logits[0, 0], -1)[0]
     torch.testing.assert_close(det["scores"], p[None])
     assert det["labels"].tolist() == [0]
@@ -63,7 +64,8 @@ def test_postprocess_softmax_by_hand():
 def test_postprocess_sigmoid_topk_over_queries_and_classes():
     logits = torch.tensor([[[3.0, 2.0], [-5.0, 1.0]]])
     boxes = torch.tensor([[[0.5, 0.5, 1.0, 1.0], [0.25, 0.25, 0.5, 0.5]]])
-    (det,) = postprocess_sigmoid(logits, boxes, torch.tensor([[10.0, 10.0]]), max_detections=3)
+    postprocess = PostProcess(BoxCoder2D(), "focal", max_detections=3)
+    (det,) = postprocess(SetPredictions(logits[None], boxes[None]), {"img_shape": [(10, 10)]})
     torch.testing.assert_close(det["scores"], torch.sigmoid(torch.tensor([3.0, 2.0, 1.0])))
     assert det["labels"].tolist() == [0, 1, 1]  # query 0 gives two detections (classes 0 and 1)
     torch.testing.assert_close(det["boxes"][2], torch.tensor([0.0, 0.0, 5.0, 5.0]))
@@ -73,12 +75,13 @@ def test_postprocess_sigmoid_topk_over_queries_and_classes():
 def test_set_criterion_by_hand(use_focal):
     """One target; the matched query's box is off by 0.1 in cx: L1 = 0.1, GIoU from the hull by hand."""
     K = 3
-    matcher = HungarianMatcher(1.0, 5.0, 2.0, use_focal=use_focal)
-    crit = SetCriterion(K, matcher, cls_weight=1.0, bbox_weight=1.0, giou_weight=1.0, use_focal=use_focal)
+    mode = "focal" if use_focal else "softmax"
+    matcher = HungarianMatcher(BoxCoder2D(), 1.0, {"bbox": 5.0, "giou": 2.0}, mode)
+    crit = SetCriterion(K, matcher, BoxCoder2D(), {"loss_cls": 1.0, "loss_bbox": 1.0, "loss_giou": 1.0}, mode)
     logits = torch.zeros(1, 2, K if use_focal else K + 1)
     boxes = torch.tensor([[[0.6, 0.5, 0.2, 0.2], [0.1, 0.1, 0.05, 0.05]]])
     targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
-    losses = crit({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    losses = crit(SetPredictions(logits[None], boxes[None]), targets)
     torch.testing.assert_close(losses["loss_bbox"], torch.tensor(0.1))
     # boxes [0.5,0.4,0.7,0.6] and [0.4,0.4,0.6,0.6]: inter 0.02, union 0.06, hull 0.06
     torch.testing.assert_close(losses["loss_giou"], torch.tensor(1 - 1 / 3))

@@ -11,7 +11,7 @@ from bev3d.config import load_config
 from bev3d.data.coco import build_coco_dataset, collate
 from bev3d.data.shapes2d import write_shapes2d
 from bev3d.evaluation.coco_eval import CocoEvaluator
-from bev3d.models import build_model
+from bev3d.models import build_criterion, build_model, build_postprocess
 
 
 def _overfit(root, name, bar, max_iters):
@@ -21,20 +21,20 @@ def _overfit(root, name, bar, max_iters):
     cfg = load_config(name, [f"data.root={root}"])
     ds = build_coco_dataset(cfg.data, "train", train=False)
     batch = collate([ds[i] for i in range(len(ds))], cfg.data.pad_divisor)
-    model = build_model(cfg).train()
+    model, criterion, postprocess = build_model(cfg).train(), build_criterion(cfg), build_postprocess(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     ap = 0.0
     for it in range(1, max_iters + 1):
-        losses = model(batch)
+        losses = criterion.weighted(criterion(model(batch, batch["targets"]), batch["targets"]))
         opt.zero_grad()
-        sum(v for k, v in losses.items() if "loss" in k).backward()
+        sum(losses.values()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         if it % 25 == 0 and it >= 75:
             model.eval()
             with torch.no_grad():
                 evaluator = CocoEvaluator(ds.ann_file)
-                evaluator.update(batch["image_id"], model(batch))
+                evaluator.update(batch["image_id"], postprocess(model(batch), batch))
             ap = evaluator.summarize()["AP"]
             model.train()
             if ap >= bar:

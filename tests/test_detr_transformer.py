@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bev3d.models.transformer import (MLP, LowRankBias, MultiheadAttention, PositionEmbeddingLearned,
-                                      PositionEmbeddingSine, TransformerDecoderLayer, inverse_sigmoid)
+from bev3d.models.heads.ray_bias import LowRankBias, LowRankBiasAttention
+from bev3d.models.transformer import (MLP, MultiheadAttention, PositionEmbeddingLearned, PositionEmbeddingSine,
+                                      TransformerDecoderLayer, inverse_sigmoid)
 
 
 def test_attention_matches_torch_multihead_attention():
@@ -40,7 +41,7 @@ def test_low_rank_bias_equals_the_dense_mask_and_its_gradients(padded):
     ray-bias heads."""
     torch.manual_seed(0)
     B, M, L, S, C, r = 2, 4, 6, 9, 32, 6
-    attn = MultiheadAttention(C, M).eval()
+    attn = LowRankBiasAttention(C, M).eval()
     x, mem = torch.randn(B, L, C), torch.randn(B, S, C)
     fq = (3 * torch.randn(B, M, L, r, dtype=torch.float64)).requires_grad_()
     fk = torch.randn(B, S, r, dtype=torch.float64).requires_grad_()
@@ -95,8 +96,18 @@ def test_sine_encoding_hand_value_and_padding_invariance():
     torch.testing.assert_close(pe(padded)[..., :2, :4], out)
 
 
-def test_learned_encoding_shape():
-    assert PositionEmbeddingLearned(8)(torch.zeros(2, 3, 5, dtype=torch.bool)).shape == (2, 16, 3, 5)
+def test_learned_encoding_reads_column_then_row_tables():
+    pe = PositionEmbeddingLearned(num_feats=8)
+    out = pe(torch.zeros(2, 3, 5, dtype=torch.bool))
+    assert out.shape == (2, 16, 3, 5)
+    # channel block [0, 8) is column j's embedding, [8, 16) row i's, for every image of the batch
+    for i, j in ((0, 0), (2, 4), (1, 3)):
+        torch.testing.assert_close(out[1, :8, i, j], pe.col_embed.weight[j])
+        torch.testing.assert_close(out[0, 8:, i, j], pe.row_embed.weight[i])
+    # the gradient reaches only the rows and columns that exist in the map
+    out.sum().backward()
+    assert (pe.col_embed.weight.grad[:5] != 0).all() and (pe.col_embed.weight.grad[5:] == 0).all()
+    assert (pe.row_embed.weight.grad[:3] != 0).all() and (pe.row_embed.weight.grad[3:] == 0).all()
 
 
 def test_decoder_layer_ignores_padded_memory():

@@ -7,14 +7,15 @@ import torch
 from bev3d.engine import checkpoint as ckpt_mod
 from bev3d.engine.checkpoint import load_checkpoint, save_checkpoint
 from bev3d.engine.optim import build_optimizer, lr_factor
-from bev3d.engine.train import Trainer, resolve_amp, seed_everything
+from bev3d.engine.runtime import resolve_amp, seed_everything
+from bev3d.engine.train import Trainer
 from bev3d.errors import Bev3dError
-from engine_toy import ToyDataset, ToyModel, toy_config
+from engine_toy import ToyCriterion, ToyDataset, ToyModel, toy_config
 
 
 def _train(cfg, dataset=None, resume=None, dropout=0.1):
     seed_everything(cfg.train.seed)
-    trainer = Trainer(cfg, ToyModel(dropout), dataset or ToyDataset())
+    trainer = Trainer(cfg, ToyModel(dropout), ToyCriterion(), dataset or ToyDataset())
     trainer.fit(resume=resume)
     return trainer
 
@@ -125,6 +126,20 @@ def test_keep_last_and_latest(tmp_path):
     assert (tmp_path / "config.yaml").is_file()
 
 
+def test_logged_entries_and_total_follow_the_criterion_weights(tmp_path):
+    class Doubled(ToyCriterion):
+        weight_dict = {"loss_mse": 2.0}
+
+    seed_everything(0)
+    Trainer(toy_config(tmp_path / "a", max_epochs=1), ToyModel(), ToyCriterion(), ToyDataset()).fit()
+    seed_everything(0)
+    Trainer(toy_config(tmp_path / "b", max_epochs=1), ToyModel(), Doubled(), ToyDataset()).fit()
+    a, b = ([r for r in _log(tmp_path / d) if r["mode"] == "train"] for d in "ab")
+    # the logged term is its weighted value, the total is the sum of the weighted terms, the rest is logged as is
+    assert b[0]["loss_mse"] == pytest.approx(2 * a[0]["loss_mse"]) and b[0]["loss"] == pytest.approx(b[0]["loss_mse"])
+    assert a[0]["num_samples"] == b[0]["num_samples"] == 2.0
+
+
 def test_non_finite_loss_skips_then_stops(tmp_path):
     cfg = toy_config(tmp_path, max_epochs=3, max_bad_steps=3)
     with pytest.raises(Bev3dError, match="iteration 7"):
@@ -170,3 +185,6 @@ def test_bf16_autocast_trains(tmp_path, native_bf16):
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-4:]) < sum(losses[:4])
     assert t.amp == "bf16"
+    assert t.model.activation_dtypes == {torch.bfloat16}  # the steps really ran under bf16 autocast
+    t_off = _train(toy_config(tmp_path / "off", amp="off", max_epochs=1))
+    assert t_off.model.activation_dtypes == {torch.float32}

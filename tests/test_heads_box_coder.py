@@ -3,8 +3,9 @@ import math
 import numpy as np
 import torch
 
-from bev3d.models.heads.box_coder import (NMSFreeDecoder, decode_boxes, denormalize_points, encode,
-                                          normalize_points, refine_centres, with_centres)
+from bev3d.models.core import BoxCoder3D, PostProcess, SetPredictions
+from bev3d.models.core.box_coder_3d import (decode_boxes, denormalize_points, encode, normalize_points, refine_centres,
+                                            with_centres)
 
 PC_RANGE = [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0]
 
@@ -43,7 +44,7 @@ def test_points_normalisation_roundtrip_and_refinement():
     torch.testing.assert_close(out[:, 4], z)
 
 
-def test_nms_free_decoder_matches_bruteforce():
+def test_nms_free_postprocess_matches_bruteforce():
     g = torch.Generator().manual_seed(3)
     B, Q, C = 2, 40, 10
     logits = torch.randn(B, Q, C, generator=g) * 1.5
@@ -51,8 +52,10 @@ def test_nms_free_decoder_matches_bruteforce():
     code[0, 5, 0] = 70.0  # the best-scoring query lies outside the post-centre range: it must go
     logits[0, 5] = 8.0
     rng = [-61.2, -61.2, -10.0, 61.2, 61.2, 10.0]
-    decoder = NMSFreeDecoder(C, max_num=30, score_threshold=0.3, post_center_range=rng)
-    results = decoder(logits, code)
+    postprocess = PostProcess(BoxCoder3D(PC_RANGE, post_center_range=rng), "focal", max_detections=30,
+                              score_threshold=0.3)
+    # only the last decoder layer counts: an earlier one with other values must not change anything
+    results = postprocess(SetPredictions(torch.stack([logits.flip(1), logits]), torch.stack([code, code])), {})
     for b in range(B):
         # Reference: every (query, class) pair sorted by score in numpy.
         probs = 1 / (1 + np.exp(-logits[b].double().numpy()))

@@ -4,9 +4,23 @@ import math
 import pytest
 import torch
 
-from bev3d.models.heads.box_coder import encode
-from bev3d.models.heads.criterion3d import SetCriterion3D
-from bev3d.models.heads.matcher3d import HungarianMatcher3D
+from bev3d.models.core import BoxCoder3D, HungarianMatcher, SetCriterion, SetPredictions
+from bev3d.models.core.box_coder_3d import encode
+
+PC_RANGE = [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0]
+WEIGHTS = {"loss_cls": 2.0, "loss_bbox": 0.25}
+
+
+def _matcher():
+    return HungarianMatcher(BoxCoder3D(PC_RANGE), cost_class=2.0, box_costs={"bbox": 0.25})
+
+
+def _criterion():
+    return SetCriterion(10, _matcher(), BoxCoder3D(PC_RANGE), WEIGHTS)
+
+
+def _targets(boxes, labels):
+    return [{"labels": lab, "boxes": b} for b, lab in zip(boxes, labels)]
 
 
 def _boxes(n, g):
@@ -34,13 +48,13 @@ def _brute_force_cost(*args):
 
 def test_matcher_is_optimal_and_handles_empty_gt():
     g = torch.Generator().manual_seed(0)
-    matcher = HungarianMatcher3D()
+    matcher = _matcher()
     logits = torch.randn(3, 6, 10, generator=g)
     code = encode(_boxes(18, g)).view(3, 6, 10)
     sizes = [3, 0, 4]
     tcodes = [encode(_boxes(n, g)) for n in sizes]
     labels = [torch.randint(0, 10, (n,), generator=g) for n in sizes]
-    indices = matcher(logits, code, tcodes, labels)
+    indices = matcher(logits, code, labels, tcodes)
     assert len(indices[1][0]) == 0 and len(indices[1][1]) == 0
     for b in (0, 2):
         q, n = indices[b]
@@ -57,9 +71,12 @@ def test_criterion_matches_hand_computed_loss():
     code = torch.stack([encode(gt + 5.0)[0], target[0] + 0.1]).view(1, 1, 2, 10)  # (L=1, B=1, Q=2, 10)
     logits = torch.full((1, 1, 2, 10), -3.0)
     logits[0, 0, 1, 4] = 2.0
-    crit = SetCriterion3D(10, HungarianMatcher3D())
-    losses = crit(logits, code, [gt], [torch.tensor([4])])
+    crit = _criterion()
+    raw = crit(SetPredictions(logits, code), _targets([gt], [torch.tensor([4])]))
+    assert set(raw) == {"loss_cls", "loss_bbox", "cardinality_error"}
+    losses = crit.weighted(raw)
     assert set(losses) == {"loss_cls", "loss_bbox"}
+    assert raw["cardinality_error"].item() == 0.0  # one query above 0.5 for one box
     p_neg, p_pos = 1 / (1 + math.exp(3.0)), 1 / (1 + math.exp(-2.0))
     cls = 19 * _focal(p_neg, False) + _focal(p_pos, True)
     assert losses["loss_cls"].item() == pytest.approx(2.0 * cls, rel=1e-5)
@@ -72,16 +89,19 @@ def test_aux_keys_normalisation_and_empty_batch():
     L, B, Q = 3, 2, 8
     logits = torch.randn(L, B, Q, 10, generator=g, requires_grad=True)
     code = encode(_boxes(L * B * Q, g)).view(L, B, Q, 10).requires_grad_()
-    crit = SetCriterion3D(10, HungarianMatcher3D())
-    gt = [_boxes(3, g), _boxes(1, g)]
-    labels = [torch.tensor([0, 1, 2]), torch.tensor([9])]
-    losses = crit(logits, code, gt, labels)
+    crit = _criterion()
+    targets = _targets([_boxes(3, g), _boxes(1, g)], [torch.tensor([0, 1, 2]), torch.tensor([9])])
+    losses = crit.weighted(crit(SetPredictions(logits, code), targets))
     assert set(losses) == {"loss_cls", "loss_bbox", "d0.loss_cls", "d0.loss_bbox", "d1.loss_cls", "d1.loss_bbox"}
     sum(losses.values()).backward()
     assert torch.isfinite(logits.grad).all() and torch.isfinite(code.grad).all()
     # Every layer's loss divides by the same number of GT boxes (4): duplicating the batch keeps the loss.
-    twice = crit(logits.detach().repeat(1, 2, 1, 1), code.detach().repeat(1, 2, 1, 1), gt + gt, labels + labels)
+    twice = crit(SetPredictions(logits.detach().repeat(1, 2, 1, 1), code.detach().repeat(1, 2, 1, 1)),
+                 targets + targets)
     for k in losses:
-        assert twice[k].item() == pytest.approx(losses[k].item(), rel=1e-5)
-    empty = crit(logits, code, [torch.zeros(0, 9)] * 2, [torch.zeros(0, dtype=torch.int64)] * 2)
+        assert crit.weighted(twice)[k].item() == pytest.approx(losses[k].item(), rel=1e-5)
+    empty = crit(SetPredictions(logits, code), _targets([torch.zeros(0, 9)] * 2, [torch.zeros(0, dtype=torch.int64)] * 2))
     assert empty["loss_bbox"].item() == 0.0 and empty["loss_cls"].item() > 0
+    # without aux_loss only the last layer is scored
+    last_only = SetCriterion(10, _matcher(), BoxCoder3D(PC_RANGE), WEIGHTS, aux_loss=False)
+    assert set(last_only(SetPredictions(logits, code), targets)) == {"loss_cls", "loss_bbox", "cardinality_error"}

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from bev3d.geometry import intrinsics_4x4, project_points, transform_matrix, transform_points
-from bev3d.models.heads.box_coder import denormalize_points
+from bev3d.models.core.box_coder_3d import denormalize_points
 from bev3d.models.heads.detr3d_sampling import SAMPLERS, project_to_cameras, sample_multiview
 from bev3d.models.heads.petr import PETRHead, camera_rays, depth_bins, padding_mask
 
@@ -134,7 +134,7 @@ def test_petr_refinement_anchors_each_layer_on_the_previous_centres(refine):
         for p in head.branches.reg_branches[1][-1].parameters():
             nn.init.zeros_(p)
     feats = [torch.randn(1, 2, 8, PAD[0] // 16, PAD[1] // 16)]
-    _, box_code = head(feats, _rig(), torch.tensor([PAD]), PAD)  # (L, 1, Q, 10)
+    box_code = head(feats, _rig(), torch.tensor([PAD]), PAD).boxes  # (L, 1, Q, 10)
     centres = box_code[..., [0, 1, 4]]
     anchors = denormalize_points(head.reference_points.weight, pc_range)
     assert not torch.allclose(centres[0, 0], anchors, atol=1e-2)

@@ -3,8 +3,7 @@ import itertools
 import pytest
 import torch
 
-from bev3d.models.losses import sigmoid_focal_loss
-from bev3d.models.matcher import HungarianMatcher, hungarian_assign
+from bev3d.models.core import BoxCoder2D, HungarianMatcher, hungarian_assign, sigmoid_focal_loss
 
 
 def _brute_force(cost):
@@ -15,12 +14,16 @@ def _brute_force(cost):
 
 
 def _random_batch(sizes, Q=6, K=5, seed=0):
+    """(logits (B, Q, K), boxes (B, Q, 4)) and per-image target labels and boxes."""
     g = torch.Generator().manual_seed(seed)
-    outputs = {"pred_logits": torch.randn(len(sizes), Q, K, generator=g),
-               "pred_boxes": torch.rand(len(sizes), Q, 4, generator=g) * 0.5 + 0.1}
-    targets = [{"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g) * 0.5 + 0.1}
-               for n in sizes]
-    return outputs, targets
+    outputs = (torch.randn(len(sizes), Q, K, generator=g), torch.rand(len(sizes), Q, 4, generator=g) * 0.5 + 0.1)
+    labels = [torch.randint(0, K, (n,), generator=g) for n in sizes]
+    boxes = [torch.rand(n, 4, generator=g) * 0.5 + 0.1 for n in sizes]
+    return outputs, labels, boxes
+
+
+def _matcher(class_cost="softmax"):
+    return HungarianMatcher(BoxCoder2D(), 1.0, {"bbox": 5.0, "giou": 2.0}, class_cost)
 
 
 def test_assignment_is_optimal():
@@ -32,17 +35,30 @@ def test_assignment_is_optimal():
         assert cost[rows, cols].sum().item() == pytest.approx(_brute_force(cost))
 
 
-@pytest.mark.parametrize("use_focal", [False, True])
-def test_batched_equals_per_image_and_empty_targets(use_focal):
-    outputs, targets = _random_batch([3, 0, 4, 1])
-    matcher = HungarianMatcher(1.0, 5.0, 2.0, use_focal=use_focal)
-    batched = matcher(outputs, targets)
+@pytest.mark.parametrize("class_cost", ["softmax", "focal"])
+def test_batched_equals_per_image_and_empty_targets(class_cost):
+    (logits, boxes), labels, targets = _random_batch([3, 0, 4, 1])
+    matcher = _matcher(class_cost)
+    batched = matcher(logits, boxes, labels, targets)
     assert len(batched[1][0]) == 0 and len(batched[1][1]) == 0
     for b, (rows, cols) in enumerate(batched):
-        single = {k: v[b:b + 1] for k, v in outputs.items()}
-        ((r1, c1),) = matcher(single, [targets[b]])
+        ((r1, c1),) = matcher(logits[b:b + 1], boxes[b:b + 1], [labels[b]], [targets[b]])
         assert torch.equal(rows, r1) and torch.equal(cols, c1)
-        assert len(rows) == len(targets[b]["labels"])
+        assert len(rows) == len(labels[b])
+
+
+def test_matcher_cost_by_hand():
+    """Two queries, two targets: the by-hand cheaper pairing (softmax, L1, GIoU) is the one returned."""
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]])  # query 0 says class 0, query 1 class 1
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]]])  # same box: only the class decides
+    ((rows, cols),) = _matcher()(logits, boxes, [torch.tensor([1, 0])], [boxes[0, :2]])
+    assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 1: 0}
+    # with equal classes the L1 + GIoU cost decides: query 1 sits on target 0
+    logits = torch.zeros(1, 2, 3)
+    boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2]]])
+    targets = torch.tensor([[0.7, 0.7, 0.2, 0.2], [0.25, 0.2, 0.1, 0.1]])
+    ((rows, cols),) = _matcher()(logits, boxes, [torch.tensor([0, 0])], [targets])
+    assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 1: 0}
 
 
 def test_list_and_batched_forms_agree():
@@ -55,12 +71,11 @@ def test_list_and_batched_forms_agree():
 
 
 def test_permuting_targets_permutes_assignment():
-    outputs, targets = _random_batch([5], Q=8)
-    matcher = HungarianMatcher(1.0, 5.0, 2.0)
-    ((rows, cols),) = matcher(outputs, targets)
+    (logits, boxes), labels, targets = _random_batch([5], Q=8)
+    matcher = _matcher()
+    ((rows, cols),) = matcher(logits, boxes, labels, targets)
     perm = torch.tensor([3, 0, 4, 1, 2])
-    permuted = [{k: v[perm] for k, v in targets[0].items()}]
-    ((rows_p, cols_p),) = matcher(outputs, permuted)
+    ((rows_p, cols_p),) = matcher(logits, boxes, [labels[0][perm]], [targets[0][perm]])
     # Query q was given original target cols[q]; after the permutation that target sits at perm^-1.
     assert dict(zip(rows_p.tolist(), perm[cols_p].tolist())) == dict(zip(rows.tolist(), cols.tolist()))
 

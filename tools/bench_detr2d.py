@@ -17,7 +17,7 @@ import time
 import torch
 
 from bev3d.config import load_config
-from bev3d.models import build_model
+from bev3d.models import build_criterion, build_model, build_postprocess
 
 
 def _cpu_name():
@@ -77,18 +77,18 @@ def main():
     device = torch.device(args.device)
     cfg = load_config(args.cfg, args.opts)
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
+    model, criterion, postprocess = build_model(cfg).to(device), build_criterion(cfg), build_postprocess(cfg)
     batch = _batch(args.batch, H, W, device, cfg.model.head.num_classes, torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
 
     def forward():
         with torch.no_grad():
-            model.eval()(batch)
+            postprocess(model.eval()(batch), batch)
 
     def train_step():
-        losses = model.train()(batch)
+        losses = criterion.weighted(criterion(model.train()(batch, batch["targets"]), batch["targets"]))
         opt.zero_grad(set_to_none=True)
-        sum(v for k, v in losses.items() if "loss" in k).backward()
+        sum(losses.values()).backward()
         opt.step()
 
     runs = {}

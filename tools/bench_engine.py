@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from bev3d.config import load_config
-from bev3d.engine.test import run_test
-from bev3d.engine.train import Trainer, build_train_components, seed_everything
+from bev3d.engine.inference import evaluate
+from bev3d.engine.runtime import seed_everything
+from bev3d.engine.train import Trainer, build_train_components
 from bev3d.evaluation.nuscenes_eval import evaluate_results, load_nuscenes, split_sample_tokens, write_results
 
 
@@ -26,9 +27,9 @@ def bench_train(cfg_name, data_root, iters, work_dir):
                                  f"train.log_interval={max(iters // 2, 1)}", "train.tensorboard=false",
                                  "eval.interval=0"])
     device = torch.device("cpu")
-    model, train_set, collate_fn, _ = build_train_components(cfg, device)
+    model, criterion, train_set, collate_fn, _ = build_train_components(cfg, device)
     with contextlib.redirect_stdout(io.StringIO()):
-        Trainer(cfg, model, train_set, collate_fn, None, device).fit()
+        Trainer(cfg, model, criterion, train_set, collate_fn, None, device).fit()
     records = [json.loads(line) for line in (Path(work_dir) / "log.jsonl").read_text().splitlines()]
     last = records[-1]  # the second half of the run: data loading and the model warmed up
     return {"config": cfg_name, "iters": iters, "batch_size": cfg.data.batch_size,
@@ -38,9 +39,12 @@ def bench_train(cfg_name, data_root, iters, work_dir):
 
 def bench_test(cfg, model, out_dir):
     from bev3d.data import build_dataset
+    from bev3d.evaluation.evaluators import build_evaluator
+    from bev3d.models import build_postprocess
 
     dataset = build_dataset(cfg, cfg.data.val_split)
-    _, stats = run_test(cfg, model, dataset, out_dir, torch.device("cpu"), quiet=True)
+    _, stats = evaluate(cfg, model, build_postprocess(cfg), build_evaluator(cfg, dataset), dataset, out_dir,
+                        torch.device("cpu"), quiet=True)
     return {"samples": stats["samples"], "ms_per_sample": 1000 * stats["s_per_sample"], "eval_s": stats["eval_s"]}
 
 

@@ -21,9 +21,9 @@ from bev3d.config import load_config
 from bev3d.constants import CAMERAS
 from bev3d.data.synthetic import RIG, scaled_intrinsics
 from bev3d.geometry import intrinsics_4x4, transform_matrix
-from bev3d.models import build_model
+from bev3d.models import build_criterion, build_model
 from bev3d.models.heads.detr3d_sampling import SAMPLERS, sample_multiview
-from bev3d.models.transformer import LowRankBias, MultiheadAttention
+from bev3d.models.heads.ray_bias import LowRankBias, LowRankBiasAttention
 
 
 def rig_lidar2img(H, W):
@@ -43,7 +43,7 @@ def random_batch(cfg, batch_size, device, seed=0):
     return {"img": torch.randn(batch_size, len(CAMERAS), 3, Hp, Wp, generator=g).to(device),
             "lidar2img": rig_lidar2img(H, W)[None].repeat(batch_size, 1, 1, 1).to(device),
             "img_shape": [(H, W)] * batch_size, "pad_shape": (Hp, Wp),
-            "gt_boxes": boxes, "gt_labels": [torch.arange(10, device=device) for _ in range(batch_size)]}
+            "targets": [{"boxes": b, "labels": torch.arange(10, device=device)} for b in boxes]}
 
 
 def _sync(device):
@@ -70,7 +70,7 @@ def _time(fn, device, repeats, warmup=1):
 def bench_model(name, device, dtype, batch_size, repeats):
     cfg = load_config(name)
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
+    model, criterion = build_model(cfg).to(device), build_criterion(cfg)
     batch = random_batch(cfg, batch_size, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -82,7 +82,8 @@ def bench_model(name, device, dtype, batch_size, repeats):
     def train_step():
         opt.zero_grad(set_to_none=True)
         with autocast:
-            loss = sum(model(batch).values())
+            targets = batch["targets"]
+            loss = sum(criterion.weighted(criterion(model(batch, targets), targets)).values())
         loss.backward()
         opt.step()
 
@@ -131,7 +132,7 @@ def bench_ray_bias(device, repeats):
     6 x 8 x 22 tokens, 128 channels, 4 heads, the ray bias (rank 3 per camera) factored or dense."""
     g = torch.Generator().manual_seed(0)
     B, Q, S, C, M, r = 2, 450, len(CAMERAS) * 8 * 22, 128, 4, 3 * len(CAMERAS)
-    attn = MultiheadAttention(C, M).to(device)
+    attn = LowRankBiasAttention(C, M).to(device)
     query = torch.randn(B, Q, C, generator=g).to(device).requires_grad_()
     memory = torch.randn(B, S, C, generator=g).to(device).requires_grad_()
     factors = (torch.randn(B, M, Q, r, generator=g).to(device).requires_grad_(),

@@ -1,4 +1,7 @@
-"""Camera-rig data: nuScenes through the devkit, the synthetic rig, the augmentation pipeline."""
+"""Camera-rig data: nuScenes through the devkit, the synthetic rig, the augmentation pipeline; COCO for the
+2D models."""
+
+import functools
 
 from bev3d.data.nuscenes_dataset import NuScenesDataset, boxes_to_nuscenes
 from bev3d.data.transforms import build_pipeline, collate
@@ -24,4 +27,13 @@ def build_dataset(cfg, split):
     return dataset
 
 
-__all__ = ["NuScenesDataset", "boxes_to_nuscenes", "build_dataset", "build_pipeline", "collate"]
+def collate_fn_for(cfg):
+    """The collate function of `cfg.data.type`: both give a batch with per-sample `targets`."""
+    if cfg.data.type == "coco":
+        from bev3d.data import coco
+
+        return functools.partial(coco.collate, pad_divisor=cfg.data.pad_divisor)
+    return collate
+
+
+__all__ = ["NuScenesDataset", "boxes_to_nuscenes", "build_dataset", "build_pipeline", "collate", "collate_fn_for"]

@@ -71,14 +71,14 @@ class RandomSizeCrop:
 
 
 class CocoTransforms:
-    """DETR's pipeline. Train: flip, then either a multi-scale resize or (p=crop_prob) resize to
-    {400, 500, 600} + a 384-600 crop + multi-scale resize; eval: one resize to image_size."""
+    """DETR's pipeline. Train: flip, then either a resize to one of `train_short_sides` or (p=crop_prob) a resize
+    to {400, 500, 600} + a 384-600 crop + that resize; eval: one resize to `short_side`. The longer side is
+    capped at `max_size`."""
 
-    def __init__(self, train, image_size=(800, 1333), resize_range=(1.0, 1.0), flip=False, crop_prob=0.0):
-        short, self.max_size = image_size
-        lo, hi = (max(32, int(short * r) // 32 * 32) for r in resize_range)
+    def __init__(self, train, short_side=800, max_size=1333, train_short_sides=(), flip=False, crop_prob=0.0):
+        self.max_size = max_size
         self.train, self.crop_prob = train, crop_prob
-        self.resize = RandomResize(range(lo, max(hi, lo) + 1, 32) if train and hi > lo else [short], self.max_size)
+        self.resize = RandomResize(train_short_sides if train and train_short_sides else [short_side], max_size)
         self.flip = RandomHorizontalFlip() if train and flip else None
         self.crop_resize = RandomResize([400, 500, 600])
         self.crop = RandomSizeCrop(384, 600)
@@ -173,6 +173,6 @@ def collate(items, pad_divisor=1):
 
 def build_coco_dataset(data_cfg, split, train):
     """DataConfig -> CocoDetection for `split` with the train or eval transforms."""
-    transforms = CocoTransforms(train, tuple(data_cfg.image_size), tuple(data_cfg.resize_range),
-                                data_cfg.flip, data_cfg.crop_prob)
+    c = data_cfg.coco
+    transforms = CocoTransforms(train, c.short_side, c.max_size, c.train_short_sides, data_cfg.flip, c.crop_prob)
     return CocoDetection(data_cfg.root, split, transforms, data_cfg.normalize)

@@ -304,16 +304,17 @@ class ToSample:
             "lidar2img": torch.from_numpy(results["lidar2img"].astype(np.float32)),
             "img_shape": tuple(int(v) for v in results.get("img_shape", img.shape[-2:])),
             "pad_shape": tuple(int(v) for v in results.get("pad_shape", img.shape[-2:])),
-            "gt_boxes": torch.from_numpy(results["gt_boxes"].astype(np.float32)),
-            "gt_labels": torch.from_numpy(results["gt_labels"].astype(np.int64)),
+            "targets": {"labels": torch.from_numpy(results["gt_labels"].astype(np.int64)),
+                        "boxes": torch.from_numpy(results["gt_boxes"].astype(np.float32))},  # LiDAR frame
             "sample_token": results["sample_token"],
             "info": results["info"],
         }
 
 
 def collate(samples):
-    """Per-sample dicts -> the 3D batch (COMMON.md): img (B, N_cam, 3, H, W) zero-padded to the largest
-    pad_shape, lidar2img (B, N_cam, 4, 4), per-sample lists for the rest."""
+    """Per-sample dicts -> the 3D batch (docs/models.md): img (B, N_cam, 3, H, W) zero-padded to the largest
+    pad_shape, lidar2img (B, N_cam, 4, 4), per-sample lists for the rest (`targets`: {"labels" (T,),
+    "boxes" (T, 9)} each)."""
     pad_h = max(s["img"].shape[-2] for s in samples)
     pad_w = max(s["img"].shape[-1] for s in samples)
     n_cam, c = samples[0]["img"].shape[:2]
@@ -325,8 +326,7 @@ def collate(samples):
         "lidar2img": torch.stack([s["lidar2img"] for s in samples]),
         "img_shape": [s["img_shape"] for s in samples],
         "pad_shape": (pad_h, pad_w),
-        "gt_boxes": [s["gt_boxes"] for s in samples],
-        "gt_labels": [s["gt_labels"] for s in samples],
+        "targets": [s["targets"] for s in samples],
         "sample_token": [s["sample_token"] for s in samples],
         "infos": [s["info"] for s in samples],
     }

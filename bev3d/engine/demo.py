@@ -45,7 +45,7 @@ def main(args):
 
     print(f"[demo] testing on {cfg.data.val_split}", flush=True)
     test_dir = work_dir / "test"
-    summary, stats = evaluate_checkpoint(cfg, work_dir / "latest.pth", test_dir)
+    metrics, stats = evaluate_checkpoint(cfg, work_dir / "latest.pth", test_dir)
 
     nusc = load_nuscenes(root, cfg.data.version)
     token = split_sample_tokens(nusc, cfg.data.val_split)[0]
@@ -53,7 +53,7 @@ def main(args):
     total_s = time.perf_counter() - start
     print(f"""
 [demo] done in {total_s / 60:.1f} min (data {synth_s:.0f} s, training {train_s:.0f} s)
-  mAP {summary['mean_ap']:.4f}   NDS {summary['nd_score']:.4f}   on {cfg.data.val_split} ({stats['samples']} samples)
+  mAP {metrics['mAP']:.4f}   NDS {metrics['NDS']:.4f}   on {cfg.data.val_split} ({stats['samples']} samples)
   dataset      {root}
   checkpoint   {work_dir / 'latest.pth'}
   config       {work_dir / 'config.yaml'}

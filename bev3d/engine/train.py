@@ -1,8 +1,8 @@
 """`bev3d train`: the one training loop, for every model.
 
-The model takes a collated batch and returns a dict of scalar tensors in train mode; the entries whose
-name contains `loss` are summed into the objective, the rest are only logged. One iteration is one
-optimizer step (`train.accumulate` micro-batches).
+Per micro-batch: `losses = criterion(model(batch, targets), targets)` with `targets = batch["targets"]`;
+the objective is the sum of the criterion's weighted terms (`criterion.weighted`), the other entries are
+only logged. One iteration is one optimizer step (`train.accumulate` micro-batches).
 
 Exact resume: the sampler permutation depends only on (seed, epoch), the DataLoader's worker seeds
 come from a generator seeded the same way, and the checkpoint holds every rank's Python/NumPy/torch RNG
@@ -13,76 +13,21 @@ exactly so with `data.num_workers: 0`; with workers, augmentation draws may diff
 import contextlib
 import itertools
 import math
-import random
 import signal
 import threading
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from bev3d.config import config_to_dict, dump_config, load_config
+from bev3d.config import cli_overrides, config_to_dict, dump_config, load_config
 from bev3d.engine import distributed as dist
 from bev3d.engine.checkpoint import CheckpointManager, latest_checkpoint, load_checkpoint, rng_state, set_rng_state
 from bev3d.engine.logger import TrainLogger
 from bev3d.engine.optim import build_optimizer, build_scheduler
+from bev3d.engine.runtime import autocast, preserved_rng, resolve_amp, seed_everything, to_device
 from bev3d.errors import Bev3dError
-
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def preserved_rng():
-    """Run a block (evaluation) without moving any RNG the training run depends on."""
-    state = rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(state)
-
-
-def to_device(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and obj and any(torch.is_tensor(v) for v in obj):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
-
-
-def autocast(device, amp):
-    dtype = AMP_DTYPES[amp]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def cpu_has_native_bf16():
-    """AVX512-BF16 or AMX. Without them the CPU's bf16 kernels convert to float32 and run slower than it."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe() for probe in probes if probe is not None)
-
-
-def resolve_amp(amp, device, warn=print):
-    if amp not in AMP_DTYPES:
-        raise Bev3dError(f"Config key train.amp is {amp!r}; valid values: off, bf16, fp16.")
-    if device.type == "cpu" and amp in ("fp16", "bf16") and not cpu_has_native_bf16():
-        warn(f"train.amp={amp}: this CPU has no native bf16 (AVX512-BF16 or AMX), where autocast is slower than "
-             f"float32; running in float32 (train.amp=off).")
-        return "off"
-    if amp == "fp16" and device.type == "cpu":
-        warn("train.amp=fp16 needs a CUDA GPU; using bf16 autocast on the CPU instead.")
-        return "bf16"
-    return amp
-
 
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can start an epoch part-way (after a mid-epoch resume)."""
@@ -135,7 +80,7 @@ class _StopRequest:
 
 
 class Trainer:
-    def __init__(self, cfg, model, train_set, collate_fn=None, evaluator=None, device=None):
+    def __init__(self, cfg, model, criterion, train_set, collate_fn=None, evaluator=None, device=None):
         self.cfg = cfg
         tc = cfg.train
         self.device = device or torch.device("cpu")
@@ -152,6 +97,7 @@ class Trainer:
             self.ddp_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=tc.find_unused_parameters)
+        self.criterion = criterion
         self.train_set = train_set
         self.collate_fn = collate_fn
         self.evaluator = evaluator
@@ -281,15 +227,17 @@ class Trainer:
                         self._interrupt(log, collective=False)
                     raise
                 batch = to_device(batch, self.device)
+                targets = batch["targets"]
                 sync = (micro + 1) % tc.accumulate == 0
                 no_sync = self.ddp_model.no_sync() if self.world_size > 1 and not sync else contextlib.nullcontext()
                 with no_sync:
                     with autocast(self.device, self.amp):
-                        out = self.ddp_model(batch)
-                    loss = sum(v for k, v in out.items() if "loss" in k)
+                        losses = self.criterion(self.ddp_model(batch, targets), targets)
+                    weighted = self.criterion.weighted(losses)
+                    loss = sum(weighted.values())
                     if not torch.is_tensor(loss):
-                        raise Bev3dError(f"{type(self.model).__name__} returned no loss in train mode (keys: "
-                                         f"{sorted(out)}); the engine sums the entries whose name contains 'loss'.")
+                        raise Bev3dError(f"{type(self.criterion).__name__} gave no weighted loss term (entries: "
+                                         f"{sorted(losses)}, weights: {self.criterion.weight_dict}).")
                     bad, stop_flag = dist.all_reduce_max(
                         [float(not torch.isfinite(loss.detach()).item()), float(stop.requested)], self.device)
                     if not bad:
@@ -297,8 +245,8 @@ class Trainer:
                 window_bad |= bool(bad)
                 stop_seen |= bool(stop_flag)
                 if not bad:
-                    for k, v in out.items():
-                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    for k, v in losses.items():  # the weighted value of every weighted term
+                        sums[k] = sums.get(k, 0.0) + float(weighted.get(k, v).detach())
                     sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                     count += 1
                 micro += 1
@@ -380,40 +328,31 @@ class Trainer:
 # ----------------------------------------------------------------------------- CLI
 
 
-def config_overrides(args):
-    overrides = list(getattr(args, "opts", None) or [])
-    if getattr(args, "data_root", None):
-        overrides.append(f"data.root={args.data_root}")
-    if getattr(args, "work_dir", None):
-        overrides.append(f"work_dir={args.work_dir}")
-    return overrides
-
-
 def build_train_components(cfg, device):
-    """Model, training set, collate function and periodic evaluator for a config."""
-    from bev3d.data import build_dataset
-    from bev3d.engine.test import build_evaluator, collate_fn_for
-    from bev3d.models import build_model
+    """Model, criterion, training set, collate function and periodic evaluation for a config."""
+    from bev3d.data import build_dataset, collate_fn_for
+    from bev3d.engine.inference import PeriodicEvaluation
+    from bev3d.models import build_criterion, build_model
 
-    evaluator = build_evaluator(cfg, device) if cfg.eval.interval > 0 else None
+    evaluator = PeriodicEvaluation(cfg, device) if cfg.eval.interval > 0 else None
     seed_everything(cfg.train.seed)  # identical initial weights on every rank and every run
     model = build_model(cfg)
     train_set = build_dataset(cfg, cfg.data.train_split)
-    return model, train_set, collate_fn_for(cfg), evaluator
+    return model, build_criterion(cfg), train_set, collate_fn_for(cfg), evaluator
 
 
 def train(cfg, resume=None):
     """Train `cfg` (the config's model and data) under torchrun or in one process; returns the work dir."""
     device = dist.init_distributed()
     try:
-        model, train_set, collate_fn, evaluator = build_train_components(cfg, device)
-        trainer = Trainer(cfg, model, train_set, collate_fn, evaluator, device)
+        model, criterion, train_set, collate_fn, evaluator = build_train_components(cfg, device)
+        trainer = Trainer(cfg, model, criterion, train_set, collate_fn, evaluator, device)
         return trainer.fit(resume=resume)
     finally:
         dist.cleanup()
 
 
 def main(args):
-    cfg = load_config(args.cfg, config_overrides(args))
+    cfg = load_config(args.cfg, cli_overrides(args))
     train(cfg, resume=args.resume)
     return 0

@@ -1,15 +1,32 @@
-"""Model zoo entry point: `build_model(cfg)` builds any config in configs/."""
+"""Model zoo entry point: the model, its criterion and its post-processor for a config.
+
+    model = build_model(cfg)              # forward(batch, targets=None) -> SetPredictions
+    criterion = build_criterion(cfg)      # criterion(predictions, targets) -> loss terms
+    postprocess = build_postprocess(cfg)  # postprocess(predictions, batch) -> detections per sample
+
+`model.type` picks the entry of the one model table, bev3d.models.registry.MODELS. Heavy modules are
+imported on demand, so that `import bev3d.models` (and loading a config) stays light.
+"""
+
+import importlib
+
+from bev3d.models.registry import MODELS
 
 
 def build_model(cfg):
-    """Config (or its `model` section's parent) -> nn.Module, chosen by `cfg.model.type`."""
-    # Imported here so that `import bev3d.models` stays light and each family loads on demand.
-    from bev3d.models import deformable_detr, detector, detr
+    """Config -> nn.Module of `cfg.model.type`."""
+    return importlib.import_module(MODELS[cfg.model.type].module).build(cfg)
 
-    builders = {
-        "detr": detr.build,
-        "deformable_detr": deformable_detr.build,
-        "petr": detector.build,
-        "detr3d": detector.build,
-    }
-    return builders[cfg.model.type](cfg)
+
+def build_criterion(cfg):
+    """Config -> SetCriterion for the model's box kind and the `model.loss` / `model.matcher` settings."""
+    from bev3d.models.core import build
+
+    return build.build_criterion(cfg)
+
+
+def build_postprocess(cfg):
+    """Config -> PostProcess (predictions -> detections) for the model's box kind."""
+    from bev3d.models.core import build
+
+    return build.build_postprocess(cfg)

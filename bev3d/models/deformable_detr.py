@@ -1,6 +1,6 @@
 """Deformable DETR (Zhu et al. 2021): multi-scale deformable attention, box refinement, two-stage queries.
 
-Follows the batch contract in bev3d/models/detr.py.
+Follows the batch contract in bev3d/models/detr.py; two-stage proposals come back as SetPredictions.enc.
 """
 
 import copy
@@ -11,10 +11,9 @@ import torch.nn as nn
 
 from bev3d.errors import Bev3dError
 from bev3d.models.backbones import build_backbone
-from bev3d.models.detr import SetDetector2D
-from bev3d.models.losses import build_criterion
+from bev3d.models.core.predictions import SetPredictions
+from bev3d.models.detr import SetDetector2D, check_config
 from bev3d.models.necks import build_neck
-from bev3d.models.postprocess import postprocess_sigmoid
 from bev3d.models.transformer import MLP, DeformableTransformer, PositionEmbeddingSine, inverse_sigmoid
 
 
@@ -22,13 +21,11 @@ class DeformableDETR(SetDetector2D):
     """Without refinement one class/box head is shared by all decoder layers; with it each layer has its own
     and refines the previous layer's boxes. Two-stage adds one more head pair that scores encoder proposals."""
 
-    postprocess = staticmethod(postprocess_sigmoid)
-
-    def __init__(self, backbone, neck, transformer, position_encoding, criterion, num_classes, num_queries=300,
-                 num_levels=4, with_box_refine=False, two_stage=False, aux_loss=True, **kwargs):
-        super().__init__(backbone, neck, position_encoding, criterion, **kwargs)
+    def __init__(self, backbone, neck, transformer, position_encoding, num_classes, num_queries=300, num_levels=4,
+                 with_box_refine=False, two_stage=False):
+        super().__init__(backbone, neck, position_encoding)
         C = transformer.embed_dims
-        self.transformer, self.num_levels, self.aux_loss = transformer, num_levels, aux_loss
+        self.transformer, self.num_levels = transformer, num_levels
         self.with_box_refine, self.two_stage = with_box_refine, two_stage
         class_embed = nn.Linear(C, num_classes)
         nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))  # focal prior: p = 0.01
@@ -70,14 +67,16 @@ class DeformableDETR(SetDetector2D):
                 delta = torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)
             logits.append(self.class_embed[lvl](hidden[lvl]))
             boxes.append(delta.sigmoid())
-        outputs = self.stack_outputs(logits, boxes, self.aux_loss)
+        enc = None
         if enc_outputs is not None:
-            outputs["enc_outputs"] = enc_outputs
-        return outputs
+            enc_logits, enc_boxes = enc_outputs  # (B, S, num_classes), (B, S, 4)
+            enc = SetPredictions(enc_logits[None], enc_boxes[None])
+        return SetPredictions(torch.stack(logits), torch.stack(boxes), enc=enc)
 
 
 def build(cfg):
     m, h = cfg.model, cfg.model.head
+    check_config(cfg)
     if not m.loss.use_focal:
         raise Bev3dError("Deformable DETR is trained with the sigmoid focal loss: set model.loss.use_focal: true.")
     transformer = DeformableTransformer(h.embed_dims, h.num_heads, h.num_encoder_layers, h.num_decoder_layers,
@@ -85,7 +84,7 @@ def build(cfg):
     transformer.set_backend(h.attn_backend)
     # Deformable DETR's sine encoding measures positions from pixel centres (offset -0.5).
     position_encoding = PositionEmbeddingSine(h.embed_dims // 2, normalize=True, offset=-0.5)
-    return DeformableDETR(build_backbone(m.backbone), build_neck(m.neck), transformer, position_encoding,
-                          build_criterion(m, h.num_classes), h.num_classes, h.num_queries, h.num_levels,
-                          h.with_box_refine, h.two_stage, h.aux_loss, max_detections=m.max_detections,
-                          score_threshold=m.score_threshold)
+    backbone = build_backbone(m.backbone)
+    neck = build_neck(m.neck, backbone.out_channels)
+    return DeformableDETR(backbone, neck, transformer, position_encoding, h.num_classes, h.num_queries,
+                          h.num_levels, h.with_box_refine, h.two_stage)

@@ -1,17 +1,19 @@
 """ResNet-18/34/50/101 with torchvision's state-dict keys (conv1, bn1, layer1..4, downsample.0/1).
 
 Options follow mmdet's ResNet: frozen BatchNorm, `frozen_stages`, `norm_eval`, caffe style (stride on
-the first 1x1 conv of a bottleneck instead of the 3x3), gradient checkpointing, `out_indices` and
-`base_channels` (64 in the real networks; smaller widths make CPU-sized models for tests).
+the first 1x1 conv of a bottleneck instead of the 3x3), gradient checkpointing, `out_indices`,
+`base_channels` (64 in the real networks; smaller widths make CPU-sized models for tests) and
+`dcn_stages` (stage indices 0..3, as `out_indices`, whose bottleneck 3x3 convs are DCNv2 with mmcv's keys
+`layerS.B.conv2.weight`, `layerS.B.conv2.conv_offset.{weight,bias}`; [2, 3] in PETR and DETR3D).
 """
-
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
 
 from bev3d.errors import Bev3dError
+from bev3d.models.backbones.common import StagedBackbone, read_state_dict
+from bev3d.models.backbones.dcn import ModulatedDeformConv2d
 
 ARCH = {  # depth -> (block, blocks per stage)
     18: ("basic", (2, 2, 2, 2)),
@@ -70,12 +72,15 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride, downsample, norm, style="pytorch"):
+    def __init__(self, inplanes, planes, stride, downsample, norm, style="pytorch", dcn=False):
         super().__init__()
         s1, s3 = (stride, 1) if style == "caffe" else (1, stride)
         self.conv1 = nn.Conv2d(inplanes, planes, 1, s1, bias=False)
         self.bn1 = norm(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, s3, 1, bias=False)
+        if dcn:
+            self.conv2 = ModulatedDeformConv2d(planes, planes, 3, s3, 1)
+        else:
+            self.conv2 = nn.Conv2d(planes, planes, 3, s3, 1, bias=False)
         self.bn2 = norm(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = norm(planes * 4)
@@ -93,11 +98,11 @@ def _block_forward(block, x):
     return block.residual(x) + identity
 
 
-class ResNet(nn.Module):
+class ResNet(StagedBackbone):
     """(B, 3, H, W) -> list of feature maps, one per `out_indices` entry (0..3 = C2..C5, strides 4..32)."""
 
     def __init__(self, depth=50, style="pytorch", frozen_stages=-1, norm_eval=True, out_indices=(3,),
-                 with_cp=False, frozen_bn=True, base_channels=64):
+                 with_cp=False, frozen_bn=True, base_channels=64, dcn_stages=()):
         super().__init__()
         if depth not in ARCH:
             raise Bev3dError(f"model.backbone.depth must be one of {sorted(ARCH)}, got {depth}.")
@@ -106,6 +111,11 @@ class ResNet(nn.Module):
         if not out_indices or any(i not in (0, 1, 2, 3) for i in out_indices):
             raise Bev3dError(f"model.backbone.out_indices must be a non-empty list from 0..3, got {list(out_indices)}.")
         kind, layers = ARCH[depth]
+        if any(i not in (0, 1, 2, 3) for i in dcn_stages):
+            raise Bev3dError(f"model.backbone.dcn_stages must list stage indices from 0..3, got {list(dcn_stages)}.")
+        if dcn_stages and kind == "basic":
+            raise Bev3dError(f"model.backbone.dcn_stages needs bottleneck blocks (depth 50 or 101); ResNet-{depth} "
+                             f"has basic blocks. Set dcn_stages to [] or choose depth 50 or 101.")
         block = Bottleneck if kind == "bottleneck" else BasicBlock
         norm = _norm(frozen_bn)
         self.depth, self.style, self.frozen_stages = depth, style, frozen_stages
@@ -124,33 +134,17 @@ class ResNet(nn.Module):
                     nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
                     norm(planes * block.expansion),
                 )
-            blocks = [block(inplanes, planes, stride, downsample, norm, style)]
+            dcn = {"dcn": True} if i in dcn_stages else {}
+            blocks = [block(inplanes, planes, stride, downsample, norm, style, **dcn)]
             inplanes = planes * block.expansion
-            blocks += [block(inplanes, planes, 1, None, norm, style) for _ in range(n - 1)]
+            blocks += [block(inplanes, planes, 1, None, norm, style, **dcn) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         # Channels of each output, in out_indices order (what a neck's in_channels must list).
         self.out_channels = [base_channels * 2**i * block.expansion for i in self.out_indices]
         self._freeze_stages()
 
-    def _freeze_stages(self):
-        modules = ([self.conv1, self.bn1] if self.frozen_stages >= 0 else [])
-        modules += [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
-        # Stages after the last output never run (forward stops there): frozen too, so that DDP does not
-        # wait for gradients they cannot get. They stay in the state dict for checkpoint compatibility.
-        modules += [getattr(self, f"layer{i}") for i in range(max(self.out_indices) + 2, 5)]
-        for m in modules:
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
-
-    def train(self, mode=True):
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
-        return self
+    def stem_and_stages(self):
+        return [nn.ModuleList([self.conv1, self.bn1])] + [getattr(self, f"layer{i}") for i in range(1, 5)]
 
     def _run_block(self, block, x):
         if self.with_cp and x.requires_grad:
@@ -174,43 +168,10 @@ class ResNet(nn.Module):
 
         Returns (missing, unexpected) key lists; the classifier head (fc.*) is dropped silently.
         """
-        state = _read_state_dict(path)
+        state = read_state_dict(path)
         if any(k.startswith(("res2_", "res_conv1_", "conv1_w")) for k in state):
             state = _caffe_to_torchvision(state)
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        result = self.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-        return missing, list(result.unexpected_keys)
-
-
-def _read_state_dict(path):
-    path = Path(path)
-    if not path.is_file():
-        raise Bev3dError(f"Backbone weights file {path} does not exist. Set model.backbone.weights to a local "
-                         f"torchvision or MSRA-caffe ResNet checkpoint, or to null to start from scratch.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise Bev3dError(f"Cannot read backbone weights file {path} ({type(e).__name__}: {e}). It must be a "
-                         f"state dict saved with torch.save (or .safetensors); re-download or re-export it.") from None
-    for key in ("state_dict", "model", "blobs"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise Bev3dError(f"Backbone weights file {path} does not hold a state dict of tensors.")
-    # Strip wrappers used by training frameworks: "module." (DDP), "backbone." (detector checkpoints).
-    out = {}
-    for k, v in obj.items():
-        for prefix in ("module.", "backbone.body.", "backbone."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
+        return self.load_partial({k: v for k, v in state.items() if not k.startswith("fc.")})
 
 
 def _caffe_to_torchvision(state):

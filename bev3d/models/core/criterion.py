@@ -1,12 +1,12 @@
-"""Set prediction losses (DETR / Deformable DETR) and the sigmoid focal loss the 3D heads share."""
+"""The set loss of every head: Hungarian-matched class + box losses at every decoder layer, the two-stage
+proposals and the denoising queries (whose targets are known without matching)."""
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bev3d.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from bev3d.models.matcher import build_matcher
+from bev3d.models.core.matcher import CLASS_COSTS
 
 
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, num_boxes=None):
@@ -35,75 +35,111 @@ def num_boxes_across_ranks(labels, device):
     return count.clamp(min=1.0)
 
 
+def loss_term(name):
+    """`d2.dn.loss_bbox` -> `loss_bbox`: the term a (prefixed) loss entry belongs to."""
+    return name.rsplit(".", 1)[-1]
+
+
 class SetCriterion(nn.Module):
-    """Hungarian-matched set loss at the final layer, every auxiliary decoder layer and the two-stage proposals.
+    """SetPredictions + targets -> unweighted loss terms; `weighted` applies the weights.
 
-    outputs: `pred_logits` (B, Q, K or K+1), `pred_boxes` (B, Q, 4) normalised cxcywh, optional
-    `aux_outputs` (list of such dicts, first layer first) and `enc_outputs` (two-stage proposals,
-    class-agnostic). targets: per image `labels` (T_i,) int64 and `boxes` (T_i, 4) normalised cxcywh.
-
-    Returns weighted losses `loss_cls`, `loss_bbox`, `loss_giou` (+ `d{i}.` for auxiliary layer i,
-    `enc.` for proposals) and the unweighted, gradient-free `cardinality_error` (a log value, not a loss).
+    targets: per image {"labels" (T_i,) int64, "boxes" (T_i, box dims)}, boxes as the box coder encodes them.
+    Terms: `loss_cls` and the coder's box terms (`loss_bbox`, 2D also `loss_giou`) for the last decoder layer,
+    `d{i}.` for earlier layers (with aux_loss), `enc.` for two-stage proposals, `dn.` / `d{i}.dn.` for
+    denoising queries, and the gradient-free `cardinality_error` (logged only: no weight).
     """
 
-    def __init__(self, num_classes, matcher, cls_weight=1.0, bbox_weight=5.0, giou_weight=2.0, use_focal=False,
-                 focal_alpha=0.25, focal_gamma=2.0, no_object_weight=0.1):
+    def __init__(self, num_classes, matcher, coder, weight_dict, class_loss="focal", focal_alpha=0.25,
+                 focal_gamma=2.0, no_object_weight=0.1, aux_loss=True):
         super().__init__()
-        self.num_classes, self.matcher = num_classes, matcher
-        self.cls_weight, self.bbox_weight, self.giou_weight = cls_weight, bbox_weight, giou_weight
-        self.use_focal, self.focal_alpha, self.focal_gamma = use_focal, focal_alpha, focal_gamma
-        empty_weight = torch.ones(num_classes + 1)
-        empty_weight[-1] = no_object_weight  # down-weights the many unmatched (no-object) queries
-        self.register_buffer("empty_weight", empty_weight, persistent=False)
+        if class_loss not in CLASS_COSTS:
+            raise ValueError(f"class_loss must be one of {CLASS_COSTS}, got {class_loss!r}")
+        self.num_classes, self.matcher, self.coder = num_classes, matcher, coder
+        self.weight_dict = dict(weight_dict)  # term -> weight, e.g. {"loss_cls": 2.0, "loss_bbox": 0.25}
+        self.class_loss, self.focal_alpha, self.focal_gamma = class_loss, focal_alpha, focal_gamma
+        self.no_object_weight, self.aux_loss = no_object_weight, aux_loss
 
     def forward(self, outputs, targets):
-        num_boxes = num_boxes_across_ranks([t["labels"] for t in targets], outputs["pred_logits"].device)
-        losses = self._layer_losses(outputs, targets, num_boxes, "")
-        losses["cardinality_error"] = self._cardinality(outputs["pred_logits"], targets)
-        for i, aux in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self._layer_losses(aux, targets, num_boxes, f"d{i}."))
-        if outputs.get("enc_outputs") is not None:
-            # Proposals are scored for objectness only: every target counts as class 0.
-            binary = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            losses.update(self._layer_losses(outputs["enc_outputs"], binary, num_boxes, "enc."))
+        device = outputs.logits.device
+        labels = [t["labels"].to(device) for t in targets]
+        boxes = [self.coder.encode(t["boxes"].to(device)) for t in targets]
+        num_boxes = num_boxes_across_ranks(labels, device)
+        L = outputs.logits.shape[0]
+        losses = {}
+        for layer in range(L) if self.aux_loss else [L - 1]:
+            prefix = "" if layer == L - 1 else f"d{layer}."
+            losses.update(self.matched_losses(outputs.logits[layer], outputs.boxes[layer], labels, boxes,
+                                              num_boxes, prefix))
+        if outputs.enc is not None:
+            objectness = [torch.zeros_like(t) for t in labels]  # proposals are class-agnostic
+            losses.update(self.matched_losses(outputs.enc.logits[-1], outputs.enc.boxes[-1], objectness, boxes,
+                                              num_boxes, "enc."))
+        if outputs.dn is not None:
+            losses.update(self.denoising_losses(outputs.dn))
+        losses["cardinality_error"] = self.cardinality(outputs.logits[-1], labels)
         return losses
 
-    def _layer_losses(self, outputs, targets, num_boxes, prefix):
-        indices = self.matcher(outputs, targets)
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]  # (B, Q, K'), (B, Q, 4)
-        batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(logits.device)
-        query_idx = torch.cat([q for q, _ in indices]).to(logits.device)
-        labels = torch.cat([t["labels"][g.to(t["labels"].device)] for t, (_, g) in zip(targets, indices)])
-        matched_boxes = torch.cat([t["boxes"][g.to(t["boxes"].device)] for t, (_, g) in zip(targets, indices)])
+    def weighted(self, losses):
+        """The entries that enter the objective, multiplied by their term's weight (the rest are only logged)."""
+        return {k: self.weight_dict[loss_term(k)] * v for k, v in losses.items() if loss_term(k) in self.weight_dict}
 
-        if self.use_focal:
-            onehot = torch.zeros_like(logits)
-            onehot[batch_idx, query_idx, labels] = 1.0
-            loss_cls = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, num_boxes)
-        else:
-            classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-            classes[batch_idx, query_idx] = labels
-            loss_cls = F.cross_entropy(logits.transpose(1, 2), classes, self.empty_weight.to(logits.dtype))
+    def matched_losses(self, logits, boxes, labels, targets, num_boxes, prefix):
+        """One layer: logits (B, Q, K), boxes (B, Q, D) against per-image labels and encoded targets."""
+        device = logits.device
+        indices = [(q.to(device), g.to(device)) for q, g in self.matcher(logits, boxes, labels, targets)]
+        batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
+        query_idx = torch.cat([q for q, _ in indices])
+        matched_labels = torch.cat([t[g] for t, (_, g) in zip(labels, indices)])
+        matched_targets = torch.cat([t[g] for t, (_, g) in zip(targets, indices)])
+        return self.losses(logits, boxes, batch_idx, query_idx, matched_labels, matched_targets, num_boxes, prefix)
 
-        pred = boxes[batch_idx, query_idx]  # (M, 4)
-        loss_bbox = F.l1_loss(pred, matched_boxes, reduction="none").sum() / num_boxes
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(matched_boxes)))
-        loss_giou = (1 - giou).sum() / num_boxes
-        return {prefix + "loss_cls": self.cls_weight * loss_cls, prefix + "loss_bbox": self.bbox_weight * loss_bbox,
-                prefix + "loss_giou": self.giou_weight * loss_giou}
+    def denoising_losses(self, dn):
+        """The denoising queries' losses at every layer: positives are their own targets, the rest background."""
+        q = dn.queries
+        positive = q.valid & (q.labels < self.num_classes)  # (B, P)
+        batch_idx, query_idx = positive.nonzero(as_tuple=True)
+        labels = q.labels[batch_idx, query_idx]
+        num_boxes = num_boxes_across_ranks([labels], dn.logits.device)
+        targets = q.targets[batch_idx, query_idx]
+        L = dn.logits.shape[0]
+        losses = {}
+        for layer in range(L) if self.aux_loss else [L - 1]:
+            prefix = "dn." if layer == L - 1 else f"d{layer}.dn."
+            losses.update(self.losses(dn.logits[layer], dn.boxes[layer], batch_idx, query_idx, labels, targets,
+                                      num_boxes, prefix, q.valid))
+        return losses
+
+    def losses(self, logits, boxes, batch_idx, query_idx, labels, targets, num_boxes, prefix, valid=None):
+        """Class loss over all queries (only where `valid` (B, Q), when given) and the coder's box losses of the
+        queries (batch_idx, query_idx) against their `labels` and encoded `targets` (M, D)."""
+        losses = {prefix + "loss_cls": self.classification(logits, batch_idx, query_idx, labels, num_boxes, valid)}
+        for name, value in self.coder.losses(boxes[batch_idx, query_idx], targets, num_boxes).items():
+            losses[prefix + name] = value
+        return losses
+
+    def classification(self, logits, batch_idx, query_idx, labels, num_boxes, valid):
+        if self.class_loss == "focal":
+            onehot = torch.zeros_like(logits)  # (B, Q, K): all background ...
+            onehot[batch_idx, query_idx, labels] = 1.0  # ... except each assigned query's class
+            if valid is None:
+                return sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, num_boxes)
+            loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma) * valid[..., None]
+            return loss.sum() / num_boxes
+        classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        classes[batch_idx, query_idx] = labels
+        class_weight = logits.new_ones(self.num_classes + 1)
+        class_weight[-1] = self.no_object_weight  # down-weights the many unmatched (no-object) queries
+        if valid is None:
+            return F.cross_entropy(logits.transpose(1, 2), classes, class_weight)
+        ce = F.cross_entropy(logits.transpose(1, 2), classes, class_weight, reduction="none")  # (B, Q)
+        return (ce * valid).sum() / (class_weight[classes] * valid).sum().clamp(min=1e-6)
 
     @torch.no_grad()
-    def _cardinality(self, logits, targets):
-        """Mean |number of predicted objects - number of targets| per image."""
-        if self.use_focal:
+    def cardinality(self, logits, labels):
+        """Mean |number of predicted objects - number of targets| per image of the last layer."""
+        if self.class_loss == "focal":
             count = (logits.sigmoid().amax(-1) > 0.5).sum(1)
         else:
             count = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
-        expected = torch.tensor([len(t["labels"]) for t in targets], device=logits.device)
+        expected = torch.tensor([len(t) for t in labels], device=logits.device)
         return (count.float() - expected.float()).abs().mean()
-
-
-def build_criterion(model_cfg, num_classes):
-    loss = model_cfg.loss
-    return SetCriterion(num_classes, build_matcher(model_cfg.matcher, loss), loss.cls_weight, loss.bbox_weight,
-                        loss.giou_weight, loss.use_focal, loss.focal_alpha, loss.focal_gamma, loss.no_object_weight)

@@ -1,10 +1,9 @@
-"""Hungarian (optimal one-to-one) assignment of predictions to ground truth, shared by 2D and 3D heads."""
+"""Hungarian (optimal one-to-one) assignment of predictions to ground truth, for every head."""
 
 import torch
-import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
-from bev3d.models.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+CLASS_COSTS = ("focal", "softmax")
 
 
 def hungarian_assign(cost, sizes=None):
@@ -39,40 +38,33 @@ def focal_class_cost(logits, labels, alpha=0.25, gamma=2.0, eps=1e-8):
     return pos - neg
 
 
-class HungarianMatcher(nn.Module):
-    """Cost = w_class * class cost + w_bbox * L1(cxcywh) + w_giou * -GIoU, all targets of a batch at once.
+class HungarianMatcher:
+    """Cost = cost_class * class cost + sum over the box coder's costs of weight * cost, for a whole batch.
 
-    outputs: `pred_logits` (B, Q, K), `pred_boxes` (B, Q, 4) normalised cxcywh; targets: per image
-    `labels` (T_i,), `boxes` (T_i, 4). The class cost is -p(label) (softmax, DETR) or the focal
-    cost (sigmoid, Deformable DETR).
+    The class cost is the focal cost (sigmoid classes) or -p(label) (softmax classes, DETR). `box_costs`
+    weighs the coder's costs by name (2D: "bbox" L1 and "giou"; 3D: "bbox" L1 of the code).
     """
 
-    def __init__(self, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, use_focal=False, focal_alpha=0.25,
-                 focal_gamma=2.0):
-        super().__init__()
-        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+    def __init__(self, coder, cost_class=2.0, box_costs=None, class_cost="focal", focal_alpha=0.25, focal_gamma=2.0):
+        if class_cost not in CLASS_COSTS:
+            raise ValueError(f"class_cost must be one of {CLASS_COSTS}, got {class_cost!r}")
+        box_costs = dict(box_costs or {})
+        if cost_class == 0 and not any(box_costs.values()):
             raise ValueError("all matcher costs are 0")
-        self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
-        self.use_focal, self.focal_alpha, self.focal_gamma = use_focal, focal_alpha, focal_gamma
+        self.coder, self.cost_class, self.box_costs = coder, cost_class, box_costs
+        self.class_cost, self.focal_alpha, self.focal_gamma = class_cost, focal_alpha, focal_gamma
 
     @torch.no_grad()
-    def forward(self, outputs, targets):
-        logits = outputs["pred_logits"].flatten(0, 1).float()  # (B*Q, K)
-        boxes = outputs["pred_boxes"].flatten(0, 1).float()  # (B*Q, 4)
-        B, Q = outputs["pred_logits"].shape[:2]
-        tgt_labels = torch.cat([t["labels"] for t in targets])
-        tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()
-        if self.use_focal:
-            c_class = focal_class_cost(logits, tgt_labels, self.focal_alpha, self.focal_gamma)
+    def __call__(self, logits, boxes, labels, targets):
+        """logits (B, Q, K), boxes (B, Q, D); per image labels (T_i,) and encoded target boxes (T_i, D)
+        -> per image (query_index, target_index) int64 pairs of length min(Q, T_i)."""
+        B, Q = logits.shape[:2]
+        flat_logits = logits.flatten(0, 1).float()  # (B*Q, K)
+        all_labels = torch.cat(labels)
+        if self.class_cost == "focal":
+            cost = self.cost_class * focal_class_cost(flat_logits, all_labels, self.focal_alpha, self.focal_gamma)
         else:
-            c_class = -logits.softmax(-1)[:, tgt_labels]
-        c_bbox = torch.cdist(boxes, tgt_boxes, p=1)
-        c_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
-        cost = self.cost_bbox * c_bbox + self.cost_class * c_class + self.cost_giou * c_giou
-        return hungarian_assign(cost.view(B, Q, -1), [len(t["boxes"]) for t in targets])
-
-
-def build_matcher(matcher_cfg, loss_cfg):
-    return HungarianMatcher(matcher_cfg.cost_class, matcher_cfg.cost_bbox, matcher_cfg.cost_giou,
-                            use_focal=loss_cfg.use_focal, focal_alpha=loss_cfg.focal_alpha,
-                            focal_gamma=loss_cfg.focal_gamma)
+            cost = self.cost_class * -flat_logits.softmax(-1)[:, all_labels]
+        for name, c in self.coder.match_costs(boxes.flatten(0, 1), torch.cat(targets).float()).items():
+            cost = cost + self.box_costs.get(name, 0.0) * c
+        return hungarian_assign(cost.view(B, Q, -1), [len(t) for t in labels])

@@ -1,41 +1,39 @@
-"""2D detections from set predictions: normalised cxcywh boxes -> absolute xyxy pixels."""
+"""SetPredictions -> detections: the last decoder layer's top-k (query, class) scores, NMS-free (set prediction)."""
 
 import torch
 
-from bev3d.models.box_ops import box_cxcywh_to_xyxy
+from bev3d.models.core.matcher import CLASS_COSTS
 
 
-def _to_pixels(boxes, sizes):
-    """boxes (B, K, 4) normalised cxcywh, sizes (B, 2) as (H, W) -> (B, K, 4) xyxy pixels inside the image."""
-    h, w = sizes.unbind(-1)
-    scale = torch.stack([w, h, w, h], -1)[:, None].to(boxes.dtype)
-    return torch.min(box_cxcywh_to_xyxy(boxes).clamp(min=0, max=1) * scale, scale)
+class PostProcess:
+    """Per image {"scores" (K,), "labels" (K,), "boxes" (K, ...)}, sorted by score, K <= max_detections.
 
+    Sigmoid classes: top-k over every (query, class) pair, so a query may give several detections.
+    Softmax classes (DETR): per query the best class other than no-object (the last logit), top-k over queries.
+    The box coder decodes the boxes (2D: xyxy pixels of the batch's image sizes; 3D: LiDAR boxes) and may
+    drop some (3D: centres outside post_center_range).
+    """
 
-def postprocess_softmax(logits, boxes, sizes, max_detections=100, score_threshold=0.0):
-    """DETR: per query the best class other than no-object (the last logit) -> list of per-image dicts."""
-    prob = logits.softmax(-1)[..., :-1]
-    scores, labels = prob.max(-1)  # (B, Q)
-    keep = min(max_detections, scores.shape[1])
-    scores, order = scores.topk(keep, dim=1)
-    labels = labels.gather(1, order)
-    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
-    return _pack(scores, labels, _to_pixels(boxes, sizes), score_threshold)
+    def __init__(self, coder, class_score="focal", max_detections=100, score_threshold=0.0):
+        if class_score not in CLASS_COSTS:
+            raise ValueError(f"class_score must be one of {CLASS_COSTS}, got {class_score!r}")
+        self.coder, self.class_score = coder, class_score
+        self.max_detections, self.score_threshold = max_detections, score_threshold
 
-
-def postprocess_sigmoid(logits, boxes, sizes, max_detections=100, score_threshold=0.0):
-    """Deformable DETR: top-k over all (query, class) pairs of sigmoid scores; a query may give several
-    detections with different classes."""
-    B, Q, K = logits.shape
-    scores, flat = logits.sigmoid().flatten(1).topk(min(max_detections, Q * K), dim=1)  # (B, k)
-    labels = flat % K
-    boxes = boxes.gather(1, (flat // K)[..., None].expand(-1, -1, 4))
-    return _pack(scores, labels, _to_pixels(boxes, sizes), score_threshold)
-
-
-def _pack(scores, labels, boxes, score_threshold):
-    out = []
-    for s, lab, b in zip(scores, labels, boxes):
-        keep = s > score_threshold
-        out.append({"scores": s[keep], "labels": lab[keep], "boxes": b[keep]})
-    return out
+    @torch.no_grad()
+    def __call__(self, outputs, batch):
+        """outputs: SetPredictions; batch: the collated batch (what the coder needs to decode, e.g. image sizes)."""
+        logits, boxes = outputs.logits[-1], outputs.boxes[-1]  # (B, Q, K), (B, Q, D)
+        B, Q, K = logits.shape
+        if self.class_score == "softmax":
+            scores, labels = logits.softmax(-1)[..., :-1].max(-1)  # (B, Q)
+            scores, query = scores.topk(min(self.max_detections, Q), dim=1)
+            labels = labels.gather(1, query)
+        else:
+            scores, flat = logits.sigmoid().flatten(1).topk(min(self.max_detections, Q * K), dim=1)  # (B, k)
+            labels, query = flat % K, flat // K
+        boxes = boxes.gather(1, query[..., None].expand(-1, -1, boxes.shape[-1]))
+        boxes, keep = self.coder.decode(boxes, batch)
+        keep &= scores > self.score_threshold
+        return [{"scores": s[k].float(), "labels": lab[k], "boxes": b[k]}
+                for s, lab, b, k in zip(scores, labels, boxes, keep)]

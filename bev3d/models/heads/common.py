@@ -5,7 +5,7 @@ import math
 import torch
 import torch.nn as nn
 
-from bev3d.models.heads.box_coder import CODE_SIZE, refine_centres, with_centres
+from bev3d.models.core.box_coder_3d import CODE_SIZE, refine_centres, with_centres
 from bev3d.models.transformer.utils import inverse_sigmoid
 
 

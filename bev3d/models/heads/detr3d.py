@@ -6,13 +6,19 @@ each layer's predicted centre becomes the next layer's reference point.
 
 Unlike the official code, the sampling weights are per level only, not per (camera index, level): a
 camera's index carries no meaning of its own, and this keeps the head invariant to the camera order.
+
+Query denoising (not in the official DETR3D): the noisy copies start from their noisy centres with zero
+content; their query positions come from an MLP of the centres' sine embedding, as PETR's queries do.
 """
 
 import torch
 import torch.nn as nn
 
-from bev3d.models.heads.box_coder import denormalize_points
-from bev3d.models.heads.common import PredictionBranches
+from bev3d.errors import Bev3dError
+from bev3d.models import detector
+from bev3d.models.core.box_coder_3d import denormalize_points
+from bev3d.models.core.predictions import split_denoising
+from bev3d.models.heads.common import PredictionBranches, sine_embed_points
 from bev3d.models.heads.detr3d_sampling import project_to_cameras, sample_multiview
 from bev3d.models.transformer.detr_transformer import TransformerDecoderLayer
 from bev3d.models.transformer.utils import inverse_sigmoid
@@ -49,8 +55,8 @@ class DETR3DDecoderLayer(TransformerDecoderLayer):
         super().__init__(embed_dims, num_heads, ffn_dims, dropout)
         self.cross_attn = DETR3DCrossAttention(embed_dims, num_levels, pc_range, sampler)
 
-    def forward(self, tgt, query_pos, reference, feats, lidar2img, img_shape, pad_shape):
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(tgt, query_pos=query_pos)))
+    def forward(self, tgt, query_pos, reference, feats, lidar2img, img_shape, pad_shape, self_attn_mask=None):
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(tgt, query_pos=query_pos, attn_mask=self_attn_mask)))
         attended = self.cross_attn(tgt, query_pos, reference, feats, lidar2img, img_shape, pad_shape)
         tgt = self.norm2(tgt + self.dropout2(attended))
         return self.ffn(tgt)
@@ -59,7 +65,7 @@ class DETR3DDecoderLayer(TransformerDecoderLayer):
 class DETR3DHead(nn.Module):
     def __init__(self, num_classes, pc_range, num_queries=900, embed_dims=256, num_heads=8,
                  num_decoder_layers=6, ffn_dims=512, dropout=0.1, num_levels=4, with_box_refine=True,
-                 sampler="ms_deform_attn"):
+                 sampler="ms_deform_attn", denoising=False):
         super().__init__()
         self.num_levels, self.with_box_refine = num_levels, with_box_refine
         self.query_embedding = nn.Embedding(num_queries, embed_dims * 2)  # (position, content) halves
@@ -71,23 +77,55 @@ class DETR3DHead(nn.Module):
             for _ in range(num_decoder_layers))
         self.branches = PredictionBranches(embed_dims, num_classes, num_decoder_layers, pc_range,
                                            shared=not with_box_refine)
+        self.num_queries = num_queries
+        self.denoising_pos = None
+        if denoising:
+            self.denoising_pos = nn.Sequential(nn.Linear(embed_dims * 3 // 2, embed_dims), nn.ReLU(inplace=True),
+                                               nn.Linear(embed_dims, embed_dims))
 
-    def forward(self, feats, lidar2img, img_shape, pad_shape):
-        """feats: list of (B, N, C, H_l, W_l); lidar2img (B, N, 4, 4); img_shape (B, 2) valid (H, W).
-
-        Returns class logits (L, B, Q, num_classes) and box codes (L, B, Q, 10), centres in metres.
-        """
+    def forward(self, feats, lidar2img, img_shape, pad_shape, denoising=None):
+        """feats: list of (B, N, C, H_l, W_l); lidar2img (B, N, 4, 4); img_shape (B, 2) valid (H, W);
+        denoising: DenoisingQueries or None -> SetPredictions (L layers, box codes with centres in metres)."""
         feats = feats[:self.num_levels]
         B = lidar2img.shape[0]
         query_pos, tgt = self.query_embedding.weight[None].expand(B, -1, -1).chunk(2, -1)  # (B, Q, C) each
         reference = self.reference_points(query_pos).sigmoid()  # (B, Q, 3) fractions of pc_range
+        self_attn_mask = None
+        if denoising is not None:
+            if self.denoising_pos is None:
+                raise ValueError("this DETR3DHead was built without denoising=True")
+            C = tgt.shape[-1]
+            dn_pos = self.denoising_pos(sine_embed_points(denoising.reference, C // 2))  # (B, P, C)
+            query_pos = torch.cat([dn_pos, query_pos], 1)
+            tgt = torch.cat([tgt.new_zeros(dn_pos.shape), tgt], 1)
+            reference = torch.cat([denoising.reference, reference], 1)  # (B, P + Q, 3)
+            self_attn_mask = denoising.attn_mask
         cls_out, box_out = [], []
         for i, layer in enumerate(self.layers):
-            tgt = layer(tgt, query_pos, reference, feats, lidar2img, img_shape, pad_shape)
+            tgt = layer(tgt, query_pos, reference, feats, lidar2img, img_shape, pad_shape, self_attn_mask)
             logits, boxes, centres = self.branches(i, tgt, reference)
             cls_out.append(logits)
             box_out.append(boxes)
             if self.with_box_refine:
                 # Gradients do not flow through the next layer's reference point (as in Deformable DETR).
                 reference = centres.detach()
-        return torch.stack(cls_out), torch.stack(box_out)
+        return split_denoising(torch.stack(cls_out), torch.stack(box_out), denoising)
+
+
+def build_head(cfg):
+    m, h = cfg.model, cfg.model.head
+    if m.neck.out_channels != h.embed_dims:
+        raise Bev3dError(f"DETR3D samples the neck features directly: model.neck.out_channels "
+                         f"({m.neck.out_channels}) must equal model.head.embed_dims ({h.embed_dims}).")
+    if h.num_levels > m.neck.num_outs:
+        raise Bev3dError(f"model.head.num_levels ({h.num_levels}) exceeds the neck's levels "
+                         f"(model.neck.num_outs = {m.neck.num_outs}).")
+    return DETR3DHead(h.num_classes, m.pc_range, num_queries=h.num_queries, embed_dims=h.embed_dims,
+                      num_heads=h.num_heads, num_decoder_layers=h.num_decoder_layers, ffn_dims=h.ffn_dims,
+                      dropout=h.dropout, num_levels=h.num_levels, with_box_refine=h.with_box_refine,
+                      sampler=h.sampler, denoising=m.denoising.groups > 0)
+
+
+def build(cfg):
+    """Config -> MultiViewDetector with a DETR3D head."""
+    return detector.build(cfg, build_head)

@@ -69,6 +69,4 @@ def _ms_deform_attn(feats, locations, weights):
     loc = locations.permute(0, 2, 1, 3)[:, :, None, :, None, :].expand(B, Q, 1, N, L, 2)
     loc = loc.reshape(B, Q, 1, N * L, 1, 2)
     attn = weights.reshape(B, Q, 1, N * L, 1)
-    if value.dtype not in (torch.float16, torch.bfloat16):  # half values keep float32 locations (precision)
-        loc = loc.to(value.dtype)
-    return ms_deform_attn(value, shapes, start, loc, attn.to(value.dtype))
+    return ms_deform_attn(value, shapes, start, loc, attn)

@@ -10,10 +10,14 @@ import math
 import torch
 import torch.nn as nn
 
+from bev3d.errors import Bev3dError
 from bev3d.geometry import transform_points
-from bev3d.models.heads.box_coder import denormalize_points, normalize_points
+from bev3d.models import detector
+from bev3d.models.core.box_coder_3d import denormalize_points, normalize_points
+from bev3d.models.core.predictions import split_denoising
 from bev3d.models.heads.common import PredictionBranches, sine_embed_points
-from bev3d.models.transformer.attention import LowRankBias
+from bev3d.models.heads.ray_bias import LowRankBias, LowRankBiasAttention
+from bev3d.models.transformer.attention import MultiheadAttention
 from bev3d.models.transformer.detr_transformer import TransformerDecoder
 from bev3d.models.transformer.position_encoding import PositionEmbeddingSine
 from bev3d.models.transformer.utils import inverse_sigmoid
@@ -93,7 +97,8 @@ class PETRHead(nn.Module):
         self.query_embedding = nn.Sequential(
             nn.Linear(embed_dims * 3 // 2, embed_dims), nn.ReLU(inplace=True), nn.Linear(embed_dims, embed_dims))
         self.decoder = TransformerDecoder(num_decoder_layers, embed_dims, num_heads=num_heads, ffn_dims=ffn_dims,
-                                          dropout=dropout)
+                                          dropout=dropout, cross_attn=LowRankBiasAttention if ray_bias else
+                                          MultiheadAttention)
         # Shared across layers as in the official PETR, where every layer uses the same anchors. With refinement
         # (as in DETR3D) each layer re-anchors its queries, its query positions and its ray bias on the centres
         # the previous layer predicted, and has branches of its own.
@@ -132,11 +137,8 @@ class PETRHead(nn.Module):
         return LowRankBias(query, key)
 
     def forward(self, feats, lidar2img, img_shape, pad_shape, denoising=None):
-        """feats: list of (B, N, C_in, H_l, W_l); lidar2img (B, N, 4, 4); img_shape (B, 2) valid (H, W).
-
-        Returns class logits (L, B, Q, num_classes) and box codes (L, B, Q, 10), centres in metres. With
-        `denoising` (training only, see denoising.py) its P queries come first: Q becomes P + num_queries.
-        """
+        """feats: list of (B, N, C_in, H_l, W_l); lidar2img (B, N, 4, 4); img_shape (B, 2) valid (H, W);
+        denoising: DenoisingQueries or None -> SetPredictions (L layers, box codes with centres in metres)."""
         x = feats[self.in_level]
         B, N, _, H, W = x.shape
         mask = padding_mask(img_shape, pad_shape, (H, W))[:, None].expand(B, N, H, W).reshape(B * N, H, W)
@@ -172,4 +174,21 @@ class PETRHead(nn.Module):
             if self.with_box_refine:
                 # Gradients do not flow through the next layer's anchors (as in Deformable DETR and DETR3D).
                 reference = centres.detach()
-        return torch.stack(cls_out), torch.stack(box_out)
+        return split_denoising(torch.stack(cls_out), torch.stack(box_out), denoising)
+
+
+def build_head(cfg):
+    m, h = cfg.model, cfg.model.head
+    if h.in_level >= m.neck.num_outs:
+        raise Bev3dError(f"model.head.in_level ({h.in_level}) must name one of the neck's "
+                         f"{m.neck.num_outs} levels (model.neck.num_outs).")
+    return PETRHead(m.neck.out_channels, h.num_classes, m.pc_range, num_queries=h.num_queries,
+                    embed_dims=h.embed_dims, num_heads=h.num_heads, num_decoder_layers=h.num_decoder_layers,
+                    ffn_dims=h.ffn_dims, dropout=h.dropout, in_level=h.in_level, depth_num=h.depth_num,
+                    depth_start=h.depth_start, position_range=h.position_range, with_2d_pe=h.with_2d_pe,
+                    query_content=h.query_content, ray_bias=h.ray_bias, with_box_refine=h.with_box_refine)
+
+
+def build(cfg):
+    """Config -> MultiViewDetector with a PETR head."""
+    return detector.build(cfg, build_head)

@@ -7,12 +7,13 @@ from bev3d.models.necks.fpn import FPN
 NECKS = ("fpn", "channel_mapper")
 
 
-def build_neck(cfg):
-    """NeckConfig -> FPN or ChannelMapper (chosen by `cfg.type`)."""
+def build_neck(cfg, in_channels):
+    """NeckConfig and the backbone's output channels (in output order) -> FPN or ChannelMapper (`cfg.type`)."""
+    in_channels = list(in_channels)
     if cfg.type == "fpn":
-        return FPN(cfg.in_channels, cfg.out_channels, cfg.start_level, cfg.num_outs, cfg.extra_on)
+        return FPN(in_channels, cfg.out_channels, cfg.start_level, cfg.num_outs, cfg.extra_on, cfg.output_convs)
     if cfg.type == "channel_mapper":
-        return ChannelMapper(cfg.in_channels, cfg.out_channels, cfg.num_outs, cfg.norm)
+        return ChannelMapper(in_channels, cfg.out_channels, cfg.num_outs, cfg.norm)
     raise Bev3dError(f"model.neck.type must be one of {NECKS}, got {cfg.type!r}.")
 
 

@@ -1,6 +1,6 @@
 """Transformer building blocks shared by the 2D (DETR, Deformable DETR) and 3D (PETR, DETR3D) heads."""
 
-from bev3d.models.transformer.attention import LowRankBias, MultiheadAttention
+from bev3d.models.transformer.attention import MultiheadAttention
 from bev3d.models.transformer.deformable_transformer import (DeformableDecoder, DeformableDecoderLayer,
                                                              DeformableEncoder, DeformableEncoderLayer,
                                                              DeformableTransformer, MSDeformAttn)
@@ -11,7 +11,7 @@ from bev3d.models.transformer.position_encoding import (PositionEmbeddingLearned
 from bev3d.models.transformer.utils import FFN, MLP, inverse_sigmoid
 
 __all__ = [
-    "LowRankBias", "MultiheadAttention", "MSDeformAttn", "DeformableEncoder", "DeformableEncoderLayer", "DeformableDecoder",
+    "MultiheadAttention", "MSDeformAttn", "DeformableEncoder", "DeformableEncoderLayer", "DeformableDecoder",
     "DeformableDecoderLayer", "DeformableTransformer", "Transformer", "TransformerEncoder",
     "TransformerEncoderLayer", "TransformerDecoder", "TransformerDecoderLayer", "PositionEmbeddingSine",
     "PositionEmbeddingLearned", "build_position_encoding", "FFN", "MLP", "inverse_sigmoid",

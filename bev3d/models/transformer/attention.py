@@ -1,27 +1,8 @@
 """Multi-head attention on `F.scaled_dot_product_attention` (flash / memory-efficient kernels when available)."""
 
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-class LowRankBias(NamedTuple):
-    """An additive attention bias in factored form, bias[b, m, l, s] = query[b, m, l] . key[b, s].
-
-    MultiheadAttention appends the factors to its queries and keys, so the bias enters SDPA's q.k product
-    and the fused kernels run: a dense (B, M, L, S) float mask that needs a gradient forces the math path,
-    which materialises the attention matrix (2x slower per call on CPU for PETR's ray bias, whose rank is
-    3 per camera).
-    """
-
-    query: torch.Tensor  # (B, M, L, r)
-    key: torch.Tensor  # (B, S, r)
-
-    def dense(self):
-        """(B, M, L, S) the bias itself."""
-        return self.query @ self.key[:, None].transpose(-1, -2)
 
 
 class MultiheadAttention(nn.Module):
@@ -29,8 +10,8 @@ class MultiheadAttention(nn.Module):
 
     Positions are added to queries and keys (never to values): q = query + query_pos,
     k = key + key_pos, v = value. key_padding_mask (B, S) is True at padded keys; attn_mask is
-    (L, S), (B*, L, S) or per head (B*, M, L, S), boolean (True = may attend) or additive float, or a
-    LowRankBias.
+    (L, S), (B*, L, S) or per head (B*, M, L, S), boolean (True = may attend) or additive float.
+    A subclass may override `attend` to take other kinds of attention bias.
     """
 
     def __init__(self, embed_dims, num_heads, dropout=0.0):
@@ -60,35 +41,17 @@ class MultiheadAttention(nn.Module):
         q = self._heads(self.q_proj(query if query_pos is None else query + query_pos))
         k = self._heads(self.k_proj(key if key_pos is None else key + key_pos))
         v = self._heads(self.v_proj(value))
-        dropout = self.dropout if self.training else 0.0
-        if isinstance(attn_mask, LowRankBias):
-            out = _low_rank_biased_attention(q, k, v, attn_mask, key_padding_mask, dropout)
-        else:
-            mask = _merge_masks(attn_mask, key_padding_mask, q.dtype)  # broadcastable to (B, M, L, S)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = self.attend(q, k, v, attn_mask, key_padding_mask, self.dropout if self.training else 0.0)
         B, _, L, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, L, self.embed_dims))
 
-
-def _low_rank_biased_attention(q, k, v, bias, key_padding_mask, dropout):
-    """q (B, M, L, E), k and v (B, M, S, E): softmax(q.k / sqrt(E) + bias) v as one SDPA call on
-    [q, sqrt(E) bias.query] and [k, bias.key], with v zero-padded to the same width (the fused CPU
-    kernels want equal head dims). In float32: under bf16 autocast the bias (hundreds for a narrow
-    ray-bias head) would lose whole units."""
-    E = q.shape[-1]
-    with torch.autocast(q.device.type, enabled=False):
-        B, M, S, _ = k.shape
-        extra_q = bias.query.float() * E ** 0.5
-        extra_k = bias.key.float()[:, None].expand(B, M, S, -1)
-        q = torch.cat([q.float(), extra_q.expand(B, M, -1, -1)], -1)
-        k = torch.cat([k.float(), extra_k], -1)
-        v = F.pad(v.float(), (0, extra_q.shape[-1]))
-        mask = _merge_masks(None, key_padding_mask, q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=E ** -0.5)
-    return out[..., :E]
+    def attend(self, q, k, v, attn_mask, key_padding_mask, dropout):
+        """q (B, M, L, E), k and v (B, M, S, E) -> softmax(q.k / sqrt(E) + masks) v, (B, M, L, E)."""
+        mask = merge_masks(attn_mask, key_padding_mask, q.dtype)  # broadcastable to (B, M, L, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
-def _merge_masks(attn_mask, key_padding_mask, dtype):
+def merge_masks(attn_mask, key_padding_mask, dtype):
     """One additive float mask (or None) from an attention mask and a key padding mask."""
     mask = None
     if attn_mask is not None:

@@ -10,7 +10,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bev3d.models.transformer.attention import MultiheadAttention
 from bev3d.models.transformer.utils import FFN, inverse_sigmoid
@@ -68,7 +67,7 @@ class MSDeformAttn(nn.Module):
             # Box references: offsets are fractions of the box half-size, 1/P per point.
             centre, size = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
             locations = centre + offsets / P * size * 0.5
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations.to(value.dtype), weights,
+        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
                              backend=self.backend)
         return self.output_proj(out)
 
@@ -263,7 +262,7 @@ class DeformableTransformer(nn.Module):
         memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, mask)
 
         B, C = memory.shape[0], self.embed_dims
-        enc_outputs = None
+        enc = None  # two-stage: the encoder's (class logits (B, S, K), boxes (B, S, 4)), for the loss
         if self.two_stage:
             proposals, valid = encoder_proposals(memory, mask, spatial_shapes)
             out_memory = memory.masked_fill(~valid[..., None], 0.0)
@@ -277,7 +276,7 @@ class DeformableTransformer(nn.Module):
             reference_points = coords.sigmoid()
             embed = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(reference_points, C // 2)))  # (B, K, 2C)
             query_pos, tgt = embed.split(C, -1)
-            enc_outputs = {"pred_logits": enc_logits, "pred_boxes": enc_coord_unact.sigmoid()}
+            enc = enc_logits, enc_coord_unact.sigmoid()
         else:
             query_pos, tgt = query_embed.split(C, dim=1)  # (Q, C) each
             query_pos, tgt = query_pos[None].expand(B, -1, -1), tgt[None].expand(B, -1, -1)
@@ -285,4 +284,4 @@ class DeformableTransformer(nn.Module):
 
         hidden, references = self.decoder(tgt, query_pos, reference_points, memory, spatial_shapes,
                                           level_start_index, valid_ratios, mask)
-        return hidden, references, enc_outputs
+        return hidden, references, enc

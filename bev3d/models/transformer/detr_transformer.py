@@ -24,12 +24,15 @@ class TransformerEncoderLayer(nn.Module):
 
 
 class TransformerDecoderLayer(nn.Module):
-    """Self-attention over queries, cross-attention to memory, FFN; each followed by add & LayerNorm."""
+    """Self-attention over queries, cross-attention to memory, FFN; each followed by add & LayerNorm.
 
-    def __init__(self, embed_dims=256, num_heads=8, ffn_dims=2048, dropout=0.1):
+    `cross_attn` is the cross-attention's class (a MultiheadAttention whose attn_mask may be another kind of
+    bias, e.g. PETR's ray bias)."""
+
+    def __init__(self, embed_dims=256, num_heads=8, ffn_dims=2048, dropout=0.1, cross_attn=MultiheadAttention):
         super().__init__()
         self.self_attn = MultiheadAttention(embed_dims, num_heads, dropout)
-        self.cross_attn = MultiheadAttention(embed_dims, num_heads, dropout)
+        self.cross_attn = cross_attn(embed_dims, num_heads, dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(embed_dims)

@@ -1,0 +1,43 @@
+"""The one output type of every bev3d model; the criterion and the post-processor read it."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from bev3d.models.core.denoising import DenoisingQueries
+
+
+@dataclass
+class SetPredictions:
+    """A set of query predictions for every decoder layer, first layer first.
+
+    logits (L, B, Q, K): class logits; K = num_classes for sigmoid classes, num_classes + 1 (no-object last)
+      for softmax classes.
+    boxes (L, B, Q, D): boxes in the box coder's form: 2D D = 4 normalised cxcywh; 3D D = 10, the box code
+      with centres in metres (bev3d.models.core.box_coder_3d).
+    enc: two-stage proposals (L = 1), scored class-agnostically (class 0 is objectness).
+    dn: the denoising queries' predictions, with the queries that say what they must predict.
+    """
+
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    enc: Optional["SetPredictions"] = None
+    dn: Optional["DenoisingPredictions"] = None
+
+
+@dataclass
+class DenoisingPredictions:
+    logits: torch.Tensor  # (L, B, P, K)
+    boxes: torch.Tensor  # (L, B, P, D)
+    queries: DenoisingQueries
+
+
+def split_denoising(logits, boxes, denoising):
+    """(L, B, P + Q, K) logits and (L, B, P + Q, D) boxes of a head that ran the P denoising queries in front
+    of its Q object queries -> SetPredictions of the object queries, the denoising part as `dn`."""
+    if denoising is None:
+        return SetPredictions(logits, boxes)
+    P = denoising.num_queries
+    dn = DenoisingPredictions(logits[:, :, :P], boxes[:, :, :P], denoising)
+    return SetPredictions(logits[:, :, P:], boxes[:, :, P:], dn=dn)
