@@ -121,6 +121,22 @@ def _add_demo(sub):
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE")
 
 
+def _add_convert(sub):
+    from bev3d.models.convert import FAMILIES
+
+    p = sub.add_parser(
+        "convert",
+        help="convert an official checkpoint to a bev3d checkpoint of a config",
+        epilog="example:\n  bev3d convert detr-r50-e632da11.pth --from detr --cfg detr_r50_coco --out detr_r50.pth",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", help="the official checkpoint file")
+    p.add_argument("--from", required=True, choices=sorted(FAMILIES), help="the family (code base) it comes from")
+    p.add_argument("--cfg", required=True, help="the bev3d config of the same architecture")
+    p.add_argument("--out", required=True, help="the bev3d checkpoint to write")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+
+
 def _add_build_ops(sub):
     p = sub.add_parser(
         "build-ops",
@@ -146,6 +162,7 @@ COMMANDS = {
     "eval": "bev3d.evaluation.nuscenes_eval",
     "vis": "bev3d.vis.cli",
     "demo": "bev3d.engine.demo",
+    "convert": "bev3d.models.convert",
     "build-ops": "bev3d.ops.build",
 }
 
@@ -159,7 +176,7 @@ def build_parser():
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_synth, _add_train, _add_test, _add_eval, _add_vis, _add_demo, _add_build_ops):
+    for add in (_add_synth, _add_train, _add_test, _add_eval, _add_vis, _add_demo, _add_convert, _add_build_ops):
         add(sub)
     return parser
 
