@@ -13,6 +13,7 @@ EPILOG = """examples:
   bev3d train --cfg petr_r50_nus.yaml --data-root data/nuscenes
   bev3d test --cfg petr_tiny_synth --ckpt work_dirs/petr_tiny_synth/latest.pth
   bev3d eval --results results_nusc.json --data-root data/synth --version v1.0-mini --split mini_val
+  bev3d export --cfg petr_tiny_synth --ckpt work_dirs/petr_tiny_synth/latest.pth --out petr.onnx --check
 """
 
 
@@ -68,7 +69,8 @@ def _add_test(sub):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_cfg_args(p)
-    p.add_argument("--ckpt", required=True, help="checkpoint file written by bev3d train")
+    p.add_argument("--ckpt", required=True,
+                   help="checkpoint written by bev3d train or bev3d convert (convert an official one first)")
     p.add_argument("--out", help="output directory for results and metrics")
     p.add_argument("--plots", action="store_true", help="also render the devkit's PR curves")
 
@@ -137,6 +139,28 @@ def _add_convert(sub):
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
 
 
+def _add_export(sub):
+    p = sub.add_parser(
+        "export",
+        help="export a model to ONNX (standard operators), optionally checked in onnxruntime",
+        epilog="examples:\n  bev3d export --cfg petr_tiny_synth --ckpt work_dirs/petr_tiny_synth/latest.pth "
+        "--out petr.onnx --check\n  bev3d export --cfg detr_tiny_shapes --out detr.onnx --postprocess --batch 2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_cfg_args(p)
+    p.add_argument("--ckpt", help="checkpoint written by bev3d train or bev3d convert (default: the config's "
+                   "model.weights, else random weights, e.g. to try the export)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, at least 16 (GridSample)")
+    p.add_argument("--batch", type=int, default=1, help="samples in the example batch (the batch axis is dynamic)")
+    p.add_argument("--fp16", action="store_true", help="float16 weights and activations")
+    p.add_argument("--postprocess", action="store_true",
+                   help="top-k decoding to scores, labels, boxes in the graph (else raw logits and box codes)")
+    p.add_argument("--check", action="store_true",
+                   help="run the file in onnxruntime on a sample: max difference and latency against PyTorch")
+    p.add_argument("--threads", type=int, default=None, help="--check: CPU threads of onnxruntime and PyTorch")
+
+
 def _add_build_ops(sub):
     p = sub.add_parser(
         "build-ops",
@@ -163,6 +187,7 @@ COMMANDS = {
     "vis": "bev3d.vis.cli",
     "demo": "bev3d.engine.demo",
     "convert": "bev3d.models.convert",
+    "export": "bev3d.engine.export",
     "build-ops": "bev3d.ops.build",
 }
 
@@ -176,7 +201,8 @@ def build_parser():
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_synth, _add_train, _add_test, _add_eval, _add_vis, _add_demo, _add_convert, _add_build_ops):
+    for add in (_add_synth, _add_train, _add_test, _add_eval, _add_vis, _add_demo, _add_convert, _add_export,
+                _add_build_ops):
         add(sub)
     return parser
 

@@ -95,6 +95,12 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     denoising: DenoisingConfig = field(default_factory=DenoisingConfig)
+    # whole-model weights loaded after building, over model.backbone.weights (fine-tuning; not a resume): a bev3d
+    # checkpoint written by `bev3d train` or `bev3d convert`
+    weights: Optional[str] = None
+    # tensors of model.weights with another shape (class heads of another num_classes, query embeddings of another
+    # num_queries) keep their initialisation, listed in a warning; false: they are an error
+    weights_skip_mismatched: bool = False
     pc_range: list[float] = field(default_factory=lambda: [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0])
     max_detections: int = 300  # NMS-free top-k over (query, class)
     score_threshold: float = 0.0
@@ -135,8 +141,8 @@ class DataConfig:
     scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # BEV scale
     grid_mask_prob: float = 0.0
     photometric: bool = False
-    # caffe (BGR, std 1) | torchvision (RGB, ImageNet std)
-    normalize: str = field(default="caffe", metadata={"choices": ("caffe", "torchvision")})
+    # caffe (BGR, std 1) | torchvision (RGB, ImageNet std) | bgr_std (BGR, ImageNet std: the VoVNet-99 recipes)
+    normalize: str = field(default="caffe", metadata={"choices": ("caffe", "torchvision", "bgr_std")})
     pad_divisor: int = 32
     coco: CocoConfig = field(default_factory=CocoConfig)
     batch_size: int = 1
@@ -163,6 +169,8 @@ class TrainConfig:
     keep_last: int = 3
     max_bad_steps: int = 10
     find_unused_parameters: bool = False  # DDP: set for models whose forward skips some parameters
+    # streaming models (StreamPETR): each scene is cut into this many segments, each starting with a fresh memory
+    stream_segments: int = 1
     tensorboard: bool = True
 
 

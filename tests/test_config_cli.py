@@ -140,7 +140,7 @@ def test_moved_and_derived_keys_say_where_they_went(tmp_path):
 
 
 def test_every_subcommand_has_help_with_example():
-    for command in ("synth", "train", "test", "eval", "vis", "demo", "build-ops"):
+    for command in ("synth", "train", "test", "eval", "vis", "demo", "export", "build-ops"):
         out = subprocess.run([sys.executable, "-m", "bev3d", command, "--help"], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert "example" in out.stdout and f"bev3d {command}" in out.stdout

@@ -7,10 +7,13 @@ import torch.nn.functional as F
 
 from bev3d.errors import Bev3dError
 from bev3d.models.backbones import ResNet
-from bev3d.models.backbones.dcn import ModulatedDeformConv2d, modulated_deform_conv2d, torchvision_deform_conv2d
+from bev3d.models.backbones.dcn import ModulatedDeformConv2d, modulated_deform_conv2d
+from bev3d.ops.torchvision_ops import torchvision_op
+
+from official_mmdet3d import resnet_keys
 
 needs_torchvision = pytest.mark.skipif(
-    torchvision_deform_conv2d() is None,
+    torchvision_op("deform_conv2d") is None,
     reason="torchvision does not import here (not installed, or built for another torch): no kernel to compare with")
 BACKENDS = ["torch", pytest.param("torchvision", marks=needs_torchvision)]
 
@@ -176,37 +179,8 @@ def test_bad_options_raise():
         ResNet(50, dcn_stages=[4])
 
 
-def official_r50_dcn_keys():
-    """mmdet ResNet-50 (caffe, DCNv2 in stages 3-4) key -> shape, as listed in the official checkpoint notes."""
-    keys = {"conv1.weight": (64, 3, 7, 7)}
-
-    def bn(name, c):
-        keys.update({f"{name}.weight": (c,), f"{name}.bias": (c,), f"{name}.running_mean": (c,),
-                     f"{name}.running_var": (c,), f"{name}.num_batches_tracked": ()})
-
-    bn("bn1", 64)
-    inplanes = 64
-    for s, n in enumerate((3, 4, 6, 3), start=1):
-        planes = 64 * 2 ** (s - 1)
-        for blk in range(n):
-            p = f"layer{s}.{blk}."
-            keys[p + "conv1.weight"] = (planes, inplanes if blk == 0 else planes * 4, 1, 1)
-            keys[p + "conv2.weight"] = (planes, planes, 3, 3)
-            keys[p + "conv3.weight"] = (planes * 4, planes, 1, 1)
-            for i, c in ((1, planes), (2, planes), (3, planes * 4)):
-                bn(p + f"bn{i}", c)
-            if s >= 3:
-                keys[p + "conv2.conv_offset.weight"] = (27, planes, 3, 3)
-                keys[p + "conv2.conv_offset.bias"] = (27,)
-            if blk == 0:
-                keys[p + "downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
-                bn(p + "downsample.1", planes * 4)
-        inplanes = planes * 4
-    return keys
-
-
 def test_resnet50_dcn_has_the_official_key_set_and_loads_strictly():
-    official = official_r50_dcn_keys()
+    official = resnet_keys(50)  # mmdet ResNet-50 (caffe, DCNv2 in stages 3-4), as the checkpoint notes list it
     assert len(official) == 336
     model = ResNet(50, style="caffe", frozen_bn=False, out_indices=[2, 3], dcn_stages=[2, 3])
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == official

@@ -14,7 +14,7 @@ from bev3d.models.detector import MultiViewDetector
 
 CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
                  if not p.name.startswith("_"))
-TINY = ["petr_tiny_synth.yaml", "detr3d_tiny_synth.yaml"]
+TINY = ["petr_tiny_synth.yaml", "detr3d_tiny_synth.yaml", "streampetr_tiny_synth.yaml"]
 
 
 def _batch_2d():
@@ -49,8 +49,10 @@ def test_every_config_runs_forward_backward_and_postprocess(name, synth_root):
     targets = batch["targets"]
     out = model(batch, targets)
     h = cfg.model.head
-    L, B, Q = h.num_decoder_layers, 2, h.num_queries
+    L, B, Q = h.num_decoder_layers, 2, h.num_queries + getattr(h, "num_propagated", 0)  # StreamPETR: + memory queries
     K = h.num_classes + (0 if cfg.model.loss.use_focal else 1)
+    if getattr(h, "two_stage", False):  # at most one query per position of the small image
+        Q = min(Q, out.enc.logits.shape[-2])
     assert isinstance(out, SetPredictions)
     assert out.logits.shape == (L, B, Q, K) and out.boxes.shape == (L, B, Q, 10 if is_3d else 4)
     assert (out.dn is not None) == (cfg.model.denoising.groups > 0)

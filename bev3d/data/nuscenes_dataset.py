@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 TABLES = ("attribute", "calibrated_sensor", "category", "ego_pose", "instance", "log", "map", "sample",
           "sample_annotation", "sample_data", "scene", "sensor", "visibility")
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: scene_token, prev_token (temporal models)
 # Speed above which a box is "moving" when choosing its attribute (mmdet3d / PETR use 0.2 m/s).
 MOVING_SPEED = 0.2
 
@@ -101,7 +101,7 @@ def _build_index(nusc, split):
 
     scenes = set(create_splits_scenes()[split])
     samples = [s for s in nusc.sample if nusc.get("scene", s["scene_token"])["name"] in scenes]
-    out = {k: [] for k in ("sample_token", "timestamp", "image_paths", "lidar_path", "cam_intrinsics", "lidar2cam",
+    out = {k: [] for k in ("sample_token", "scene_token", "prev_token", "timestamp", "image_paths", "lidar_path", "cam_intrinsics", "lidar2cam",
                            "lidar2ego", "ego2global", "gt_boxes", "gt_labels", "gt_count", "ann_tokens",
                            "image_hw")}
     for sample in samples:
@@ -140,6 +140,8 @@ def _build_index(nusc, split):
             keep.append(ann["token"])
             labels.append(CLASSES.index(name))
         out["sample_token"].append(sample["token"])
+        out["scene_token"].append(sample["scene_token"])
+        out["prev_token"].append(sample["prev"])  # "" at a scene's first sample
         out["timestamp"].append(sample["timestamp"])
         out["image_paths"].append(paths)
         out["image_hw"].append(sizes)
@@ -232,7 +234,9 @@ class NuScenesDataset(torch.utils.data.Dataset):
         lidar2img = np.stack([intrinsics_4x4(k) @ m for k, m in zip(K, lidar2cam)])
         return {
             "sample_token": str(idx["sample_token"][i]),
-            "timestamp": int(idx["timestamp"][i]),
+            "scene_token": str(idx["scene_token"][i]),
+            "prev_token": str(idx["prev_token"][i]),  # "" at a scene's first sample
+            "timestamp": int(idx["timestamp"][i]),  # microseconds
             "image_paths": [str(self.root / p) for p in idx["image_paths"][i]],
             "lidar_path": str(self.root / str(idx["lidar_path"][i])),
             "cam_intrinsics": K,

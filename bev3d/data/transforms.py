@@ -21,6 +21,9 @@ NORMALIZE = {
     "caffe": (np.array([103.53, 116.28, 123.675], np.float32), np.array([1.0, 1.0, 1.0], np.float32), "bgr"),
     "torchvision": (np.array([123.675, 116.28, 103.53], np.float32), np.array([58.395, 57.12, 57.375], np.float32),
                     "rgb"),
+    # the VoVNet-99 (DD3D / FCOS3D) backbones of PETR and DETR3D: torchvision's statistics in BGR order
+    "bgr_std": (np.array([103.53, 116.28, 123.675], np.float32), np.array([57.375, 57.12, 58.395], np.float32),
+                "bgr"),
 }
 
 
@@ -308,7 +311,20 @@ class ToSample:
                         "boxes": torch.from_numpy(results["gt_boxes"].astype(np.float32))},  # LiDAR frame
             "sample_token": results["sample_token"],
             "info": results["info"],
+            # temporal models (StreamPETR): camera matrices, time and the augmented LiDAR frame -> global
+            "intrinsics": torch.from_numpy(results["cam_intrinsics"].astype(np.float32)),
+            "timestamp": results["info"]["timestamp"] / 1e6,  # seconds
+            "frame2global": torch.from_numpy(frame_to_global(results)),
+            "scene_token": results["info"].get("scene_token", ""),
+            "prev_token": results["info"].get("prev_token", ""),
         }
+
+
+def frame_to_global(results):
+    """(4, 4) float64 map from the sample's augmented LiDAR frame to the global frame: ego2global @ lidar2ego @
+    inv(bev_aug), so that the ego motion between two augmented frames stays the true one."""
+    info = results["info"]
+    return info["ego2global"] @ info["lidar2ego"] @ np.linalg.inv(results["bev_aug"])
 
 
 def collate(samples):
@@ -329,7 +345,22 @@ def collate(samples):
         "targets": [s["targets"] for s in samples],
         "sample_token": [s["sample_token"] for s in samples],
         "infos": [s["info"] for s in samples],
+        **_temporal(samples),
     }
+
+
+def _temporal(samples):
+    """The temporal entries of the batch: intrinsics (B, N_cam, 3, 3), timestamp (B,) float64 seconds, frame2global
+    (B, 4, 4) float64, scene and previous sample tokens; prev_exists (B,) where a streaming loader set it."""
+    if "frame2global" not in samples[0]:
+        return {}
+    out = {"intrinsics": torch.stack([s["intrinsics"] for s in samples]),
+           "timestamp": torch.tensor([s["timestamp"] for s in samples], dtype=torch.float64),
+           "frame2global": torch.stack([s["frame2global"] for s in samples]),
+           "scene_token": [s["scene_token"] for s in samples], "prev_token": [s["prev_token"] for s in samples]}
+    if "prev_exists" in samples[0]:
+        out["prev_exists"] = torch.tensor([s["prev_exists"] for s in samples], dtype=torch.bool)
+    return out
 
 
 def build_pipeline(data_cfg, train, pc_range=None, native_size=(900, 1600), rng=None):

@@ -9,10 +9,17 @@ from bev3d.engine import distributed as dist
 from bev3d.engine.runtime import autocast, resolve_amp, to_device
 
 
-def val_loader(cfg, dataset):
-    """Each rank takes every world_size-th sample, without the padding DistributedSampler adds."""
+def val_loader(cfg, dataset, streaming=False):
+    """Each rank takes every world_size-th sample, without the padding DistributedSampler adds. A streaming model
+    gets every world_size-th scene instead, one sample per batch in time order, marked where a scene starts."""
     from bev3d.data import collate_fn_for
 
+    if streaming:
+        from bev3d.data.streaming import StreamingDataset, scene_sequences, scenes_for_rank
+
+        order = scenes_for_rank(scene_sequences(dataset), dist.get_rank(), dist.get_world_size())
+        return DataLoader(StreamingDataset(dataset), batch_size=1, sampler=order, num_workers=cfg.data.num_workers,
+                          collate_fn=collate_fn_for(cfg))
     indices = list(range(dist.get_rank(), len(dataset), dist.get_world_size()))
     return DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=indices, num_workers=cfg.data.num_workers,
                       collate_fn=collate_fn_for(cfg))
@@ -20,14 +27,18 @@ def val_loader(cfg, dataset):
 
 @torch.no_grad()
 def infer(model, postprocess, evaluator, loader, device, amp):
-    """This rank's evaluator items for every batch of `loader`."""
+    """This rank's evaluator items for every batch of `loader`. A streaming model starts and ends with an empty
+    memory (training continues from a fresh one after a periodic evaluation)."""
     model.eval()
+    reset = getattr(model, "reset_memory", lambda: None)
+    reset()
     items = []
     for batch in loader:
         batch = to_device(batch, device)
         with autocast(device, amp):
             detections = postprocess(model(batch), batch)
         items += evaluator.process(batch, detections)
+    reset()
     return items
 
 
@@ -35,7 +46,8 @@ def evaluate(cfg, model, postprocess, evaluator, dataset, out_dir, device, plots
     """Inference on every rank, metrics on rank 0 -> (flat metrics, or None off rank 0; timing stats)."""
     amp = resolve_amp(cfg.train.amp, device, warn=lambda text: None)
     start = time.perf_counter()
-    local = infer(model, postprocess, evaluator, val_loader(cfg, dataset), device, amp)
+    loader = val_loader(cfg, dataset, streaming=getattr(model, "streaming", False))
+    local = infer(model, postprocess, evaluator, loader, device, amp)
     seconds = time.perf_counter() - start
     parts = dist.gather_to_main(local)
     stats = {"samples": len(dataset), "inference_s": seconds,

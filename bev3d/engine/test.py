@@ -5,24 +5,23 @@ from pathlib import Path
 
 from bev3d.config import cli_overrides, load_config
 from bev3d.engine import distributed as dist
-from bev3d.engine.checkpoint import load_checkpoint
 from bev3d.engine.inference import evaluate
 from bev3d.errors import Bev3dError
 
 
-def load_weights(model, ckpt_path):
-    state = load_checkpoint(ckpt_path)
-    weights = state["model"] if "model" in state else state
+def load_weights(model, ckpt_path, cfg_name="CONFIG"):
+    """A bev3d checkpoint into `model` (strict); an official one is an error that gives the convert command."""
+    from bev3d.models.weights import read_model_weights
+
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(read_model_weights(ckpt_path, cfg_name))
     except RuntimeError as e:
         raise Bev3dError(f"Checkpoint {ckpt_path} does not fit the model of this config: "
                          f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}. "
                          f"Use the config the checkpoint was trained with.") from None
-    return state
 
 
-def evaluate_checkpoint(cfg, ckpt, out_dir=None, plots=False):
+def evaluate_checkpoint(cfg, ckpt, out_dir=None, plots=False, cfg_name="CONFIG"):
     """Evaluate checkpoint `ckpt` of config `cfg` -> (flat metrics, or None off rank 0; timing stats)."""
     from bev3d.data import build_dataset
     from bev3d.evaluation.evaluators import build_evaluator
@@ -31,7 +30,7 @@ def evaluate_checkpoint(cfg, ckpt, out_dir=None, plots=False):
     device = dist.init_distributed()
     try:
         model = build_model(cfg).to(device)
-        load_weights(model, ckpt)
+        load_weights(model, ckpt, cfg_name)
         out_dir = Path(out_dir) if out_dir else Path(cfg.work_dir) / "test"
         dataset = build_dataset(cfg, cfg.data.val_split)
         metrics, stats = evaluate(cfg, model, build_postprocess(cfg), build_evaluator(cfg, dataset), dataset, out_dir,
@@ -47,5 +46,6 @@ def evaluate_checkpoint(cfg, ckpt, out_dir=None, plots=False):
 
 def main(args):
     cfg = load_config(args.cfg, cli_overrides(args))
-    evaluate_checkpoint(cfg, args.ckpt, args.out, plots=args.plots)
+    cfg_name = " ".join([args.cfg] + (["--opts", *args.opts] if args.opts else []))  # for the convert command
+    evaluate_checkpoint(cfg, args.ckpt, args.out, plots=args.plots, cfg_name=cfg_name)
     return 0

@@ -8,6 +8,9 @@ Exact resume: the sampler permutation depends only on (seed, epoch), the DataLoa
 come from a generator seeded the same way, and the checkpoint holds every rank's Python/NumPy/torch RNG
 state, so 2 epochs straight equal 1 epoch + `--resume` bitwise on CPU (mid-epoch, e.g. after Ctrl-C,
 exactly so with `data.num_workers: 0`; with workers, augmentation draws may differ after the resume).
+A streaming model (`model.streaming`, StreamPETR) walks scenes in time order instead
+(bev3d.data.streaming.StreamingBatchSampler, also a function of (seed, epoch) only), and every rank's memory
+goes into the checkpoint, so its mid-epoch resume is exact as well.
 """
 
 import contextlib
@@ -102,8 +105,14 @@ class Trainer:
         self.collate_fn = collate_fn
         self.evaluator = evaluator
         self.batch_size = cfg.data.batch_size
-        self.sampler = ResumableSampler(train_set, self.world_size, self.rank, tc.seed)
-        self.steps_per_epoch = self.sampler.num_samples // self.batch_size // tc.accumulate
+        # a streaming model (StreamPETR) carries a memory from step to step: it gets scenes in time order
+        self.streaming = getattr(model, "streaming", False)
+        if self.streaming:
+            self.sampler = streaming_sampler(cfg, train_set, self.world_size, self.rank)
+            self.steps_per_epoch = self.sampler.steps // tc.accumulate
+        else:
+            self.sampler = ResumableSampler(train_set, self.world_size, self.rank, tc.seed)
+            self.steps_per_epoch = self.sampler.num_samples // self.batch_size // tc.accumulate
         if self.steps_per_epoch == 0:
             raise Bev3dError(
                 f"The training split has {len(train_set)} samples: too few for data.batch_size="
@@ -125,8 +134,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self, rng_states):
-        return {
+    def state_dict(self, rng_states, memories=None):
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -140,13 +149,20 @@ class Trainer:
             "checkpoints": self.ckpts.state_dict(),
             "config": config_to_dict(self.cfg),
         }
+        if memories is not None:
+            state["stream_memory"] = memories  # every rank's memory: a mid-epoch resume continues the streams
+        return state
 
     def save(self, name, metrics=None, collective=True):
         """Rank 0 writes; with `collective` every rank's RNG state goes into the file (all ranks must call)."""
         states = dist.gather_to_main(rng_state()) if collective else [rng_state()]
+        memories = None
+        if self.streaming:
+            memory = self.model.memory_state()
+            memories = dist.gather_to_main(memory) if collective else [memory]
         path = None
         if self.is_main:
-            path = self.ckpts.save(self.state_dict(states), name, metrics)
+            path = self.ckpts.save(self.state_dict(states, memories), name, metrics)
         if collective:
             dist.barrier()
         return path
@@ -165,6 +181,10 @@ class Trainer:
         self.epoch, self.iter = state["epoch"], state["iter"]
         self.iter_in_epoch, self.bad_steps = state["iter_in_epoch"], state["bad_steps"]
         rngs = state["rng"]
+        memories = state.get("stream_memory")
+        if self.streaming:
+            self.model.load_memory_state(memories[self.rank] if memories and len(memories) == self.world_size
+                                         else None)
         if len(rngs) == self.world_size:
             set_rng_state(rngs[self.rank])
         else:
@@ -178,11 +198,17 @@ class Trainer:
 
     def _loader(self):
         tc = self.cfg.train
-        self.sampler.set_epoch(self.epoch, skip=self.iter_in_epoch * self.batch_size * tc.accumulate)
         generator = torch.Generator().manual_seed(tc.seed * 100003 + self.epoch * 1009 + self.rank)
         workers = self.cfg.data.num_workers
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
-                          num_workers=workers, collate_fn=self.collate_fn, generator=generator,
+        if self.streaming:
+            from bev3d.data.streaming import StreamingDataset
+
+            self.sampler.set_epoch(self.epoch, skip=self.iter_in_epoch * tc.accumulate)
+            order = dict(dataset=StreamingDataset(self.train_set), batch_sampler=self.sampler)
+        else:
+            self.sampler.set_epoch(self.epoch, skip=self.iter_in_epoch * self.batch_size * tc.accumulate)
+            order = dict(dataset=self.train_set, batch_size=self.batch_size, sampler=self.sampler, drop_last=True)
+        return DataLoader(**order, num_workers=workers, collate_fn=self.collate_fn, generator=generator,
                           worker_init_fn=_worker_ignores_stop_signals if workers > 0 else None,
                           pin_memory=self.device.type == "cuda", persistent_workers=False,
                           prefetch_factor=2 if workers > 0 else None)
@@ -323,6 +349,22 @@ class Trainer:
             metrics = self._evaluate(log)
         if self.epoch % max(tc.ckpt_interval, 1) == 0 or last:
             self.save(f"epoch_{self.epoch}.pth", metrics)
+
+
+def streaming_sampler(cfg, train_set, world_size, rank):
+    """The StreamingBatchSampler of a streaming model: train.stream_segments segments per scene."""
+    from bev3d.data.streaming import StreamingBatchSampler, scene_sequences, split_segments
+
+    segments = cfg.train.stream_segments
+    if segments < 1:
+        raise Bev3dError(f"train.stream_segments must be >= 1 (segments per scene), got {segments}.")
+    sampler = StreamingBatchSampler(split_segments(scene_sequences(train_set), segments), cfg.data.batch_size,
+                                    world_size, rank, cfg.train.seed)
+    if sampler.steps < cfg.train.accumulate:
+        raise Bev3dError(f"The training split has {len(train_set)} samples: too few for {sampler.num_streams} "
+                         f"streams (data.batch_size={cfg.data.batch_size} x {world_size} processes) x "
+                         f"train.accumulate={cfg.train.accumulate}. Lower data.batch_size or train.accumulate.")
+    return sampler
 
 
 # ----------------------------------------------------------------------------- CLI

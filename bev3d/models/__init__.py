@@ -14,8 +14,13 @@ from bev3d.models.registry import MODELS
 
 
 def build_model(cfg):
-    """Config -> nn.Module of `cfg.model.type`."""
-    return importlib.import_module(MODELS[cfg.model.type].module).build(cfg)
+    """Config -> nn.Module of `cfg.model.type`, with the weights of `model.weights` when set."""
+    model = importlib.import_module(MODELS[cfg.model.type].module).build(cfg)
+    if cfg.model.weights:
+        from bev3d.models.weights import load_model_weights
+
+        load_model_weights(model, cfg.model.weights, cfg.model.weights_skip_mismatched)
+    return model
 
 
 def build_criterion(cfg):

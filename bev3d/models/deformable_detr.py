@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from bev3d.errors import Bev3dError
 from bev3d.models.backbones import build_backbone
-from bev3d.models.core.predictions import SetPredictions
+from bev3d.models.core.build import build_denoising
+from bev3d.models.core.predictions import SetPredictions, split_denoising
 from bev3d.models.detr import SetDetector2D, check_config
 from bev3d.models.necks import build_neck
 from bev3d.models.transformer import MLP, DeformableTransformer, PositionEmbeddingSine, inverse_sigmoid
@@ -50,13 +51,23 @@ class DeformableDETR(SetDetector2D):
         else:
             self.query_embed = nn.Embedding(num_queries, 2 * C)  # (position, content) per query
 
-    def predict(self, img, mask):
+    def predict(self, img, mask, targets=None):
         feats, masks, pos = self.features(img, mask)
         if len(feats) != self.num_levels:
             raise Bev3dError(f"Deformable DETR has num_levels={self.num_levels} but the neck gives {len(feats)} "
                              f"levels: set model.neck.num_outs to model.head.num_levels.")
         query_embed = None if self.two_stage else self.query_embed.weight
-        hidden, references, enc_outputs = self.transformer(feats, masks, pos, query_embed)
+        if self.two_stage:
+            num_queries = min(self.transformer.num_proposals, sum(f.shape[-2] * f.shape[-1] for f in feats))
+        else:
+            num_queries = query_embed.shape[0]
+        dn = self.denoising_queries(targets, num_queries, img.device)
+        extra = None
+        if dn is not None:  # the copies' references: their noisy boxes, or centres where the queries have points
+            dn_content, dn_pos = self.denoising_embeddings(dn)
+            dn_reference = dn.reference if self.two_stage else dn.reference[..., :2]
+            extra = dn_content, dn_pos, dn_reference, dn.attn_mask
+        hidden, references, enc_outputs = self.transformer(feats, masks, pos, query_embed, extra)
         logits, boxes = [], []
         for lvl in range(hidden.shape[0]):
             delta = self.bbox_embed[lvl](hidden[lvl])  # (B, Q, 4)
@@ -71,20 +82,23 @@ class DeformableDETR(SetDetector2D):
         if enc_outputs is not None:
             enc_logits, enc_boxes = enc_outputs  # (B, S, num_classes), (B, S, 4)
             enc = SetPredictions(enc_logits[None], enc_boxes[None])
-        return SetPredictions(torch.stack(logits), torch.stack(boxes), enc=enc)
+        out = split_denoising(torch.stack(logits), torch.stack(boxes), dn)
+        out.enc = enc
+        return out
 
 
 def build(cfg):
     m, h = cfg.model, cfg.model.head
-    check_config(cfg)
-    if not m.loss.use_focal:
-        raise Bev3dError("Deformable DETR is trained with the sigmoid focal loss: set model.loss.use_focal: true.")
+    check_config(cfg, focal=True)
     transformer = DeformableTransformer(h.embed_dims, h.num_heads, h.num_encoder_layers, h.num_decoder_layers,
-                                        h.ffn_dims, h.dropout, h.num_levels, h.num_points, h.two_stage, h.num_queries)
+                                        h.ffn_dims, h.dropout, h.num_levels, h.num_points, h.two_stage, h.num_queries,
+                                        h.two_stage_topk)
     transformer.set_backend(h.attn_backend)
     # Deformable DETR's sine encoding measures positions from pixel centres (offset -0.5).
     position_encoding = PositionEmbeddingSine(h.embed_dims // 2, normalize=True, offset=-0.5)
     backbone = build_backbone(m.backbone)
     neck = build_neck(m.neck, backbone.out_channels)
-    return DeformableDETR(backbone, neck, transformer, position_encoding, h.num_classes, h.num_queries,
-                          h.num_levels, h.with_box_refine, h.two_stage)
+    model = DeformableDETR(backbone, neck, transformer, position_encoding, h.num_classes, h.num_queries,
+                           h.num_levels, h.with_box_refine, h.two_stage)
+    model.enable_denoising(build_denoising(cfg), h.num_classes, h.embed_dims)
+    return model

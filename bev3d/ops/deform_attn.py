@@ -32,13 +32,14 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
 
     backend: "auto" takes the compiled kernel for the tensors' device when it is available
     (else the reference, with one warning per process), "reference" is pure PyTorch, "cpu"/"cuda"
-    insist on the compiled kernel and raise if it cannot be used.
+    insist on the compiled kernel and raise if it cannot be used. ONNX export always takes the
+    reference: its GridSample is a standard ONNX operator, the kernels are not.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     args = _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     device = value.device.type
-    if backend == "reference":
+    if backend == "reference" or torch.onnx.is_in_onnx_export():
         return _reference(*args)
     if backend == "auto":
         reason = _kernel_unavailable(device, value.dtype)

@@ -9,7 +9,7 @@ import torch.nn as nn
 from bev3d.errors import Bev3dError
 
 # Wrappers of the backbone's keys in training frameworks' files: DDP, then DETR / Deformable DETR, mmdet3d,
-# other detectors. After stripping one, a detector's other keys fit nothing (and are reported).
+# other detectors (bev3d's own checkpoints included). A file with such keys is a detector's: only those are read.
 _MODULE_PREFIX = "module."
 _BACKBONE_PREFIXES = ("backbone.0.body.", "img_backbone.", "backbone.body.", "backbone.")
 
@@ -59,27 +59,29 @@ def read_state_dict(path):
         raise Bev3dError(f"Backbone weights file {path} does not exist. Set model.backbone.weights to a local "
                          f"backbone checkpoint (e.g. torchvision or MSRA-caffe ResNet), or to null to start from "
                          f"scratch.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise Bev3dError(f"Cannot read backbone weights file {path} ({type(e).__name__}: {e}). It must be a "
-                         f"state dict saved with torch.save (or .safetensors); re-download or re-export it.") from None
+        except Exception as e:
+            raise Bev3dError(f"Cannot read backbone weights file {path} ({type(e).__name__}: {e}); re-download or "
+                             f"re-export it.") from None
+    else:
+        from bev3d.models.convert import load_file  # the reader of detectors' checkpoints
+
+        obj = load_file(path)
     for key in ("state_dict", "model", "blobs"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise Bev3dError(f"Backbone weights file {path} does not hold a state dict of tensors.")
-    out = {}
+    bare, wrapped = {}, {}
     for k, v in obj.items():
         k = k.removeprefix(_MODULE_PREFIX)
-        for prefix in _BACKBONE_PREFIXES:
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-                break
-        out[k] = v
-    return out
+        prefix = next((p for p in _BACKBONE_PREFIXES if k.startswith(p)), None)
+        if prefix is None:
+            bare[k] = v
+        else:
+            wrapped[k[len(prefix):]] = v
+    return wrapped or bare

@@ -22,7 +22,6 @@ channel 2 * mask_idx, offset_w at 2 * mask_idx + 1, mask_idx = i * weight_w + j;
 reads the same layout with the same border rule, so offset and mask go to it unchanged.
 """
 
-import functools
 import math
 
 import torch
@@ -31,18 +30,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from bev3d.errors import Bev3dError
-
-BACKENDS = ("auto", "torchvision", "torch")
-
-
-@functools.cache
-def torchvision_deform_conv2d():
-    """torchvision.ops.deform_conv2d, or None where torchvision does not import."""
-    try:
-        from torchvision.ops import deform_conv2d
-    except Exception:  # a torchvision built for another torch fails with RuntimeError or OSError, not ImportError
-        return None
-    return deform_conv2d
+from bev3d.ops.torchvision_ops import check_backend, torchvision_backend
 
 
 def modulated_deform_conv2d(x, offset, mask, weight, stride=1, padding=0, dilation=1, backend="auto"):
@@ -54,12 +42,7 @@ def modulated_deform_conv2d(x, offset, mask, weight, stride=1, padding=0, dilati
     docs/benchmarks.md). Runs in float32 (float64 stays float64) with autocast off, as torchvision's CUDA
     autocast rule does; the result has x's dtype.
     """
-    if backend not in BACKENDS:
-        raise Bev3dError(f"DCN backend must be one of {BACKENDS}, got {backend!r}.")
-    tv_op = torchvision_deform_conv2d()
-    if backend == "torchvision" and tv_op is None:
-        raise Bev3dError("DCN backend 'torchvision' needs torchvision built for this torch "
-                         f"({torch.__version__}); install the matching pair or use backend 'torch'.")
+    tv_op = torchvision_backend("deform_conv2d", backend, "DCN")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     kh, kw = weight.shape[-2:]
     h_out = (x.shape[2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -111,8 +94,7 @@ class ModulatedDeformConv2d(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=1, dilation=1, deform_groups=1,
                  backend="auto"):
         super().__init__()
-        if backend not in BACKENDS:
-            raise Bev3dError(f"DCN backend must be one of {BACKENDS}, got {backend!r}.")
+        check_backend(backend, "DCN")
         if in_channels % deform_groups:
             raise Bev3dError(f"DCN deform_groups={deform_groups} must divide in_channels={in_channels}.")
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)

@@ -10,7 +10,8 @@ class KeyMap:
     """Builds a bev3d state dict from an official one.
 
     `take(key)` returns a source tensor and marks it used; `put(key, tensor)` fills a model key; `rename`,
-    `rename_prefix` and `split_in_proj` are the common cases; `drop(keys, why)` records deliberate drops.
+    `rename_prefix` and `split_in_proj` are the common cases; `drop(keys, why)` records deliberate drops,
+    `drop_copies` those of repeated modules after checking that they are copies.
     `finish(model_state)` checks the accounting against the model's own state dict and returns the result.
     """
 
@@ -38,11 +39,14 @@ class KeyMap:
     def rename(self, src, dst):
         self.put(dst, self.take(src))
 
-    def rename_prefix(self, src_prefix, dst_prefix):
-        """Every unused source key under `src_prefix` -> the same key under `dst_prefix`; returns how many."""
+    def rename_prefix(self, src_prefix, *dst_prefixes):
+        """Every unused source key under `src_prefix` -> the same key under each of `dst_prefixes` (more than one
+        where the model holds one module under several names); returns how many source keys."""
         keys = [k for k in self.source if k.startswith(src_prefix) and k not in self.used]
         for k in keys:
-            self.rename(k, dst_prefix + k[len(src_prefix):])
+            tensor = self.take(k)
+            for dst_prefix in dst_prefixes:
+                self.put(dst_prefix + k[len(src_prefix):], tensor)
         return len(keys)
 
     def split_in_proj(self, src_prefix, dst_prefix):
@@ -62,6 +66,22 @@ class KeyMap:
 
     def drop_matching(self, predicate, why):
         self.drop([k for k in self.source if k not in self.used and predicate(k)], why)
+
+    def drop_copies(self, prefix, of_prefix):
+        """Drop every source key under `prefix` as a copy of the same key under `of_prefix` (a module the
+        official model holds twice); an error unless both exist and are equal. Returns how many."""
+        keys = [k for k in self.source if k.startswith(prefix) and k not in self.used]
+        if not keys:
+            raise Bev3dError(f"The {self.family} checkpoint has no tensors under {prefix!r}: it is not a {self.family} "
+                             f"checkpoint of this config, or a layout this converter does not know.")
+        for k in keys:
+            original = of_prefix + k[len(prefix):]
+            if original not in self.source or not torch.equal(self.source[k], self.source[original]):
+                raise Bev3dError(f"The {self.family} checkpoint's {k} should be a copy of {original}, but "
+                                 f"{'there is none' if original not in self.source else 'they differ'}: the file "
+                                 f"is not of this config's architecture.")
+        self.drop(keys, f"copy of {of_prefix}*")
+        return len(keys)
 
     def finish(self, model_state):
         """-> the converted state dict, after checking it fills `model_state` exactly (names and shapes) and

@@ -71,8 +71,9 @@ class SetCriterion(nn.Module):
             losses.update(self.matched_losses(outputs.logits[layer], outputs.boxes[layer], labels, boxes,
                                               num_boxes, prefix))
         if outputs.enc is not None:
-            objectness = [torch.zeros_like(t) for t in labels]  # proposals are class-agnostic
-            losses.update(self.matched_losses(outputs.enc.logits[-1], outputs.enc.boxes[-1], objectness, boxes,
+            # two-stage proposals are class-agnostic (class 0 is objectness) unless they predict the classes
+            enc_labels = labels if outputs.enc_classes else [torch.zeros_like(t) for t in labels]
+            losses.update(self.matched_losses(outputs.enc.logits[-1], outputs.enc.boxes[-1], enc_labels, boxes,
                                               num_boxes, "enc."))
         if outputs.dn is not None:
             losses.update(self.denoising_losses(outputs.dn))

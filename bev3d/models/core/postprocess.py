@@ -23,7 +23,14 @@ class PostProcess:
     @torch.no_grad()
     def __call__(self, outputs, batch):
         """outputs: SetPredictions; batch: the collated batch (what the coder needs to decode, e.g. image sizes)."""
-        logits, boxes = outputs.logits[-1], outputs.boxes[-1]  # (B, Q, K), (B, Q, D)
+        scores, labels, boxes, keep = self.select(outputs.logits[-1], outputs.boxes[-1], batch)
+        return [{"scores": s[k].float(), "labels": lab[k], "boxes": b[k]}
+                for s, lab, b, k in zip(scores, labels, boxes, keep)]
+
+    def select(self, logits, boxes, batch):
+        """The batched tensors before the per-image filtering (what an exported graph outputs): one decoder
+        layer's logits (B, Q, K) and boxes (B, Q, D) -> scores, labels (B, k), decoded boxes (B, k, ...) and
+        keep (B, k), True for the detections that __call__ returns."""
         B, Q, K = logits.shape
         if self.class_score == "softmax":
             scores, labels = logits.softmax(-1)[..., :-1].max(-1)  # (B, Q)
@@ -34,6 +41,4 @@ class PostProcess:
             labels, query = flat % K, flat // K
         boxes = boxes.gather(1, query[..., None].expand(-1, -1, boxes.shape[-1]))
         boxes, keep = self.coder.decode(boxes, batch)
-        keep &= scores > self.score_threshold
-        return [{"scores": s[k].float(), "labels": lab[k], "boxes": b[k]}
-                for s, lab, b, k in zip(scores, labels, boxes, keep)]
+        return scores, labels, boxes, keep & (scores > self.score_threshold)

@@ -16,14 +16,16 @@ class SetPredictions:
       for softmax classes.
     boxes (L, B, Q, D): boxes in the box coder's form: 2D D = 4 normalised cxcywh; 3D D = 10, the box code
       with centres in metres (bev3d.models.core.box_coder_3d).
-    enc: two-stage proposals (L = 1), scored class-agnostically (class 0 is objectness).
+    enc: two-stage proposals (L = 1), scored class-agnostically (class 0 is objectness) unless `enc_classes`.
     dn: the denoising queries' predictions, with the queries that say what they must predict.
+    enc_classes: the proposals predict the classes (Efficient DETR's dense part) and are matched on them.
     """
 
     logits: torch.Tensor
     boxes: torch.Tensor
     enc: Optional["SetPredictions"] = None
     dn: Optional["DenoisingPredictions"] = None
+    enc_classes: bool = False
 
 
 @dataclass

@@ -14,22 +14,29 @@ from bev3d.geometry import project_points
 from bev3d.ops import ms_deform_attn
 
 SAMPLERS = ("grid_sample", "ms_deform_attn")
+PROJECTIONS = ("padded_valid", "unpadded", "padded")
 
 
-def project_to_cameras(points, lidar2img, img_shape, pad_shape, eps=1e-5):
+def project_to_cameras(points, lidar2img, img_shape, pad_shape, eps=1e-5, projection="padded_valid"):
     """points (B, Q, 3) LiDAR metres, lidar2img (B, N, 4, 4), img_shape (B, 2) valid (H, W) per sample.
 
-    Returns locations (B, N, Q, 2) as (x, y) fractions of the padded image (what every level's map
-    covers) and visible (B, N, Q): in front of the camera and inside the valid (unpadded) image.
+    Returns locations (B, N, Q, 2) as (x, y) fractions of the image size the projection divides by, and
+    visible (B, N, Q): in front of the camera and inside the image. `projection` "padded_valid": divided by
+    the padded size (what every level's map covers), visible inside the valid image; "unpadded": the valid
+    size for both (WangYueFt's DETR3D, which samples off by pad / valid when there is padding); "padded":
+    the padded size for both (mmdet3d 1.x's DETR3D).
     """
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
     # float32 even under autocast: in bf16 a 1600-pixel-wide image would be off by up to ~6 pixels.
     with torch.autocast(points.device.type, enabled=False):
         uv, depth = project_points(points[:, None].float(), lidar2img.float(), eps=eps)  # (B, N, Q, 2), (B, N, Q)
     valid_wh = img_shape.flip(-1).to(uv)[:, None, None, :]  # (B, 1, 1, 2) as (W, H)
-    visible = (depth > eps) & ((uv > 0) & (uv < valid_wh)).all(-1)
     pad_wh = uv.new_tensor([pad_shape[1], pad_shape[0]])
+    bound_wh = pad_wh if projection == "padded" else valid_wh
+    visible = (depth > eps) & ((uv > 0) & (uv < bound_wh)).all(-1)
     # Clamped so that points far outside (behind the camera) stay finite; their weight is zero anyway.
-    return (uv / pad_wh).clamp(-1.0, 2.0), visible
+    return (uv / (valid_wh if projection == "unpadded" else pad_wh)).clamp(-1.0, 2.0), visible
 
 
 def sample_multiview(feats, locations, weights, sampler="ms_deform_attn"):

@@ -29,24 +29,56 @@ def depth_bins(depth_num, depth_start, depth_max):
     return depth_start + (depth_max - depth_start) * i * (i + 1) / (depth_num * (depth_num + 1))
 
 
-def cell_centres(feat_hw, pad_shape, device):
-    """Pixel coordinates (v (H_f,), u (W_f,)) of the feature cells' centres in the padded image."""
+# where in its cell a feature cell's pixel lies, in cells: the centre, or the top-left corner (the official PETR)
+CELL_OFFSETS = {"centre": 0.5, "corner": 0.0}
+
+
+def cell_pixels(feat_hw, pad_shape, device, offset=0.5):
+    """Pixel coordinates (v (H_f,), u (W_f,)) of the feature cells in the padded image: their centres, or with
+    `offset` 0 their top-left corners."""
     H, W = feat_hw
-    v = (torch.arange(H, device=device) + 0.5) * (pad_shape[0] / H)
-    u = (torch.arange(W, device=device) + 0.5) * (pad_shape[1] / W)
+    v = (torch.arange(H, device=device) + offset) * (pad_shape[0] / H)
+    u = (torch.arange(W, device=device) + offset) * (pad_shape[1] / W)
     return v, u
+
+
+def inverse_4x4(m):
+    """(..., 4, 4) torch -> the inverse by the adjugate over 2x2 minors: elementwise arithmetic only, for graphs
+    without a matrix inverse (ONNX has none); `invert` takes it in ONNX export."""
+    a = [[m[..., i, j] for j in range(4)] for i in range(4)]
+    s = [a[0][0] * a[1][1] - a[1][0] * a[0][1], a[0][0] * a[1][2] - a[1][0] * a[0][2],
+         a[0][0] * a[1][3] - a[1][0] * a[0][3], a[0][1] * a[1][2] - a[1][1] * a[0][2],
+         a[0][1] * a[1][3] - a[1][1] * a[0][3], a[0][2] * a[1][3] - a[1][2] * a[0][3]]
+    c = [a[2][0] * a[3][1] - a[3][0] * a[2][1], a[2][0] * a[3][2] - a[3][0] * a[2][2],
+         a[2][0] * a[3][3] - a[3][0] * a[2][3], a[2][1] * a[3][2] - a[3][1] * a[2][2],
+         a[2][1] * a[3][3] - a[3][1] * a[2][3], a[2][2] * a[3][3] - a[3][2] * a[2][3]]
+    det = s[0] * c[5] - s[1] * c[4] + s[2] * c[3] + s[3] * c[2] - s[4] * c[1] + s[5] * c[0]
+    adj = [[a[1][1] * c[5] - a[1][2] * c[4] + a[1][3] * c[3], -a[0][1] * c[5] + a[0][2] * c[4] - a[0][3] * c[3],
+            a[3][1] * s[5] - a[3][2] * s[4] + a[3][3] * s[3], -a[2][1] * s[5] + a[2][2] * s[4] - a[2][3] * s[3]],
+           [-a[1][0] * c[5] + a[1][2] * c[2] - a[1][3] * c[1], a[0][0] * c[5] - a[0][2] * c[2] + a[0][3] * c[1],
+            -a[3][0] * s[5] + a[3][2] * s[2] - a[3][3] * s[1], a[2][0] * s[5] - a[2][2] * s[2] + a[2][3] * s[1]],
+           [a[1][0] * c[4] - a[1][1] * c[2] + a[1][3] * c[0], -a[0][0] * c[4] + a[0][1] * c[2] - a[0][3] * c[0],
+            a[3][0] * s[4] - a[3][1] * s[2] + a[3][3] * s[0], -a[2][0] * s[4] + a[2][1] * s[2] - a[2][3] * s[0]],
+           [-a[1][0] * c[3] + a[1][1] * c[1] - a[1][2] * c[0], a[0][0] * c[3] - a[0][1] * c[1] + a[0][2] * c[0],
+            -a[3][0] * s[3] + a[3][1] * s[1] - a[3][2] * s[0], a[2][0] * s[3] - a[2][1] * s[1] + a[2][2] * s[0]]]
+    return torch.stack([torch.stack(row, -1) for row in adj], -2) / det[..., None, None]
+
+
+def invert(m):
+    """(..., 4, 4) -> the inverse: torch.linalg.inv, or inverse_4x4 while exporting to ONNX (no matrix inverse)."""
+    return inverse_4x4(m) if torch.onnx.is_in_onnx_export() else torch.linalg.inv(m)
 
 
 def image_to_lidar(lidar2img):
     """(..., 4, 4) lidar2img -> its inverse, computed in float64: lidar2img mixes focal lengths (~1e3) with
     rotations, and a float32 inverse loses millimetres."""
-    return torch.linalg.inv(lidar2img.double()).float()
+    return invert(lidar2img.double()).float()
 
 
-def camera_rays(lidar2img, pad_shape, feat_hw):
+def camera_rays(lidar2img, pad_shape, feat_hw, offset=0.5):
     """lidar2img (B, N, 4, 4) -> camera centres (B, N, 3) and unit directions (B, N, H_f*W_f, 3) of the rays
-    through the feature cells' centres, in the LiDAR frame."""
-    v, u = cell_centres(feat_hw, pad_shape, lidar2img.device)
+    through the feature cells' pixels (cell_pixels), in the LiDAR frame."""
+    v, u = cell_pixels(feat_hw, pad_shape, lidar2img.device, offset)
     vv, uu = torch.meshgrid(v, u, indexing="ij")
     # the image point (u d, v d, d) is d * (u, v, 1) + 0: its LiDAR point is d * direction + centre
     pixels = torch.stack([uu, vv, torch.ones_like(uu)], -1).view(1, 1, -1, 3)  # (1, 1, H*W, 3)
@@ -55,30 +87,104 @@ def camera_rays(lidar2img, pad_shape, feat_hw):
     return img2lidar[..., :3, 3], directions / directions.norm(dim=-1, keepdim=True)
 
 
-def padding_mask(img_shape, pad_shape, feat_hw):
+def frustum_points(lidar2img, pad_shape, feat_hw, depths, position_range, offset=0.5):
+    """lidar2img (B, N, 4, 4) -> (B, N, H_f*W_f*D, 3) float32: every feature cell's pixel (cell_pixels) at every
+    depth of `depths` (D,), lifted to LiDAR and normalised to fractions of position_range; cell-major, depth-minor."""
+    H, W = feat_hw
+    D = depths.numel()
+    v, u = cell_pixels(feat_hw, pad_shape, lidar2img.device, offset)
+    vv, uu, dd = torch.meshgrid(v, u, depths, indexing="ij")  # (H, W, D) each
+    frustum = torch.stack([uu * dd, vv * dd, dd], -1).view(1, 1, H * W * D, 3)  # image coords times depth
+    img2lidar = image_to_lidar(lidar2img)
+    with torch.autocast(lidar2img.device.type, enabled=False):  # geometry stays float32 under AMP
+        points = transform_points(frustum.float(), img2lidar)  # (B, N, H*W*D, 3) LiDAR
+        return normalize_points(points, position_range)
+
+
+def padding_mask(img_shape, pad_shape, feat_hw, offset=0.5):
     """img_shape (B, 2) valid (H, W), pad_shape (H_pad, W_pad) -> (B, H_f, W_f) True where a feature
-    cell's centre lies in the padding."""
-    v, u = cell_centres(feat_hw, pad_shape, img_shape.device)
+    cell's pixel (cell_pixels) lies in the padding. With corners this is the official nearest-neighbour
+    downsampling of the pixel mask."""
+    v, u = cell_pixels(feat_hw, pad_shape, img_shape.device, offset)
     return (v[None, :, None] >= img_shape[:, 0, None, None]) | (u[None, None, :] >= img_shape[:, 1, None, None])
+
+
+def key_padding(mask, batch_size):
+    """Padding mask of the tokens (any shape, batch first) -> the attention's key padding mask (B, tokens), or None
+    where nothing is padded: None keeps SDPA's fused kernels. An exported graph always takes the mask, since
+    img_shape is one of its inputs."""
+    return mask.reshape(batch_size, -1) if torch.onnx.is_in_onnx_export() or mask.any() else None
+
+
+def multiview_sine(mask, num_feats, temperature=10000, eps=1e-6):
+    """mask (B, N, H, W), True at padding -> (B*N, 3*num_feats, H, W): the official PETR's 2D embedding
+    (SinePositionalEncoding3D), channels [camera, y, x]. Each coordinate is the cumulative count of valid
+    cells along its axis (cameras in their order), scaled to (0, 2 pi] by the last; each part is the sines
+    of the even frequencies followed by the cosines of the odd ones (blocks, unlike the interleaved 2D sine)."""
+    valid = (~mask).float()
+    n, y, x = valid.cumsum(1), valid.cumsum(2), valid.cumsum(3)
+    n = n / (n[:, -1:] + eps) * (2 * math.pi)
+    y = y / (y[:, :, -1:] + eps) * (2 * math.pi)
+    x = x / (x[..., -1:] + eps) * (2 * math.pi)
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=mask.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
+    parts = []
+    for coord in (n, y, x):
+        pos = coord[..., None] / dim_t  # (B, N, H, W, F)
+        parts += [pos[..., 0::2].sin(), pos[..., 1::2].cos()]
+    return torch.cat(parts, -1).flatten(0, 1).permute(0, 3, 1, 2)
+
+
+def ray_bias_scales(num_heads):
+    """(M,) initial log-widths of the ray bias: one feature cell (~3 degrees at stride 16) to a near object."""
+    return torch.linspace(math.log(400.0), math.log(6.0), num_heads)
+
+
+def ray_attention_bias(reference, centres, directions, log_scale, pc_range):
+    """reference (B, Q, 3) fractions of pc_range, camera_rays' centres (B, N, 3) and directions
+    (B, N, H_f*W_f, 3), log_scale (M,) -> cross-attention bias scale_m * cos(angle between a cell's ray and the
+    direction from the cell's camera to the reference point), scale_m = exp(log_scale_m), as a LowRankBias of
+    rank 3 N: per camera, the unit vectors towards the point (queries) dotted with the cells' ray directions
+    (keys), zero for other cameras' cells. (Softmax ignores a constant per query: this is scale_m * (cos - 1)
+    up to one.)"""
+    points = denormalize_points(reference, pc_range)  # (B, Q, 3) metres
+    to_point = points[:, :, None] - centres[:, None]  # (B, Q, N, 3)
+    to_point = to_point / to_point.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    B, Q, N, _ = to_point.shape
+    scale = log_scale.exp().view(1, -1, 1, 1)  # (1, M, 1, 1)
+    query = scale * to_point.reshape(B, 1, Q, N * 3)  # (B, M, Q, 3N)
+    HW = directions.shape[2]
+    own_camera = torch.eye(N, device=directions.device, dtype=directions.dtype).view(1, N, 1, N, 1)
+    key = (directions[:, :, :, None] * own_camera).reshape(B, N * HW, N * 3)  # keys in memory order
+    return LowRankBias(query, key)
 
 
 class PETRHead(nn.Module):
     def __init__(self, in_channels, num_classes, pc_range, num_queries=900, embed_dims=256, num_heads=8,
                  num_decoder_layers=6, ffn_dims=2048, dropout=0.1, in_level=0, depth_num=64, depth_start=1.0,
                  position_range=(-61.2, -61.2, -10.0, 61.2, 61.2, 10.0), with_2d_pe=True, query_content=False,
-                 ray_bias=False, with_box_refine=False):
+                 ray_bias=False, with_box_refine=False, cell_point="centre", with_multiview=False):
         super().__init__()
+        if cell_point not in CELL_OFFSETS:
+            raise Bev3dError(f"model.head.cell_point must be one of {sorted(CELL_OFFSETS)}, got {cell_point!r}.")
         self.in_level, self.pc_range, self.position_range = in_level, list(pc_range), list(position_range)
         self.num_queries, self.with_box_refine = num_queries, with_box_refine
+        self.cell_offset = CELL_OFFSETS[cell_point]
         self.register_buffer("depths", depth_bins(depth_num, depth_start, position_range[3]), persistent=False)
         self.input_proj = nn.Conv2d(in_channels, embed_dims, 1)
         self.position_encoder = nn.Sequential(
             nn.Conv2d(depth_num * 3, embed_dims * 4, 1), nn.ReLU(inplace=True), nn.Conv2d(embed_dims * 4, embed_dims, 1))
         # 2D sine embedding of each camera's own pixel grid: no camera index, so the camera order is irrelevant.
-        self.sine_2d = PositionEmbeddingSine(embed_dims // 2, normalize=True) if with_2d_pe else None
-        if with_2d_pe:
+        # The official one (with_multiview) also encodes the camera index.
+        self.with_multiview = with_2d_pe and with_multiview
+        self.sine_2d = None
+        if with_2d_pe and not with_multiview:
+            self.sine_2d = PositionEmbeddingSine(embed_dims // 2, normalize=True)
             self.adapt_pos2d = nn.Sequential(
                 nn.Conv2d(embed_dims, embed_dims, 1), nn.ReLU(inplace=True), nn.Conv2d(embed_dims, embed_dims, 1))
+        if self.with_multiview:
+            self.adapt_pos3d = nn.Sequential(nn.Conv2d(embed_dims * 3 // 2, embed_dims * 4, 1), nn.ReLU(inplace=True),
+                                             nn.Conv2d(embed_dims * 4, embed_dims, 1))
         self.reference_points = nn.Embedding(num_queries, 3)
         nn.init.uniform_(self.reference_points.weight, 0, 1)
         # Official PETR starts the decoder from zero content. Trained from scratch (no pretrained backbone),
@@ -93,7 +199,7 @@ class PETRHead(nn.Module):
         # rig-2 demo (mAP 0.216 vs 0.186).
         self.ray_bias_scale = None
         if ray_bias:
-            self.ray_bias_scale = nn.Parameter(torch.linspace(math.log(400.0), math.log(6.0), num_heads))
+            self.ray_bias_scale = nn.Parameter(ray_bias_scales(num_heads))
         self.query_embedding = nn.Sequential(
             nn.Linear(embed_dims * 3 // 2, embed_dims), nn.ReLU(inplace=True), nn.Linear(embed_dims, embed_dims))
         self.decoder = TransformerDecoder(num_decoder_layers, embed_dims, num_heads=num_heads, ffn_dims=ffn_dims,
@@ -110,42 +216,28 @@ class PETRHead(nn.Module):
         H, W = feat_hw
         B, N = lidar2img.shape[:2]
         D = self.depths.numel()
-        v, u = cell_centres(feat_hw, pad_shape, lidar2img.device)
-        vv, uu, dd = torch.meshgrid(v, u, self.depths, indexing="ij")  # (H, W, D) each
-        frustum = torch.stack([uu * dd, vv * dd, dd], -1).view(1, 1, H * W * D, 3)  # image coords times depth
-        img2lidar = image_to_lidar(lidar2img)
         with torch.autocast(lidar2img.device.type, enabled=False):  # geometry stays float32 under AMP
-            points = transform_points(frustum.float(), img2lidar)  # (B, N, H*W*D, 3) LiDAR
-            points = inverse_sigmoid(normalize_points(points, self.position_range))
+            points = inverse_sigmoid(frustum_points(lidar2img, pad_shape, feat_hw, self.depths, self.position_range,
+                                                    self.cell_offset))
         return points.view(B * N, H, W, D * 3).permute(0, 3, 1, 2)
 
     def ray_attention_bias(self, reference, centres, directions):
-        """reference (B, Q, 3) fractions of pc_range, camera_rays' centres (B, N, 3) and directions
-        (B, N, H_f*W_f, 3) -> cross-attention bias scale_m * cos(angle between a cell's ray and the direction
-        from the cell's camera to the reference point), as a LowRankBias of rank 3 N: per camera, the unit
-        vectors towards the point (queries) dotted with the cells' ray directions (keys), zero for other
-        cameras' cells. (Softmax ignores a constant per query: this is scale_m * (cos - 1) up to one.)"""
-        points = denormalize_points(reference, self.pc_range)  # (B, Q, 3) metres
-        to_point = points[:, :, None] - centres[:, None]  # (B, Q, N, 3)
-        to_point = to_point / to_point.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        B, Q, N, _ = to_point.shape
-        scale = self.ray_bias_scale.exp().view(1, -1, 1, 1)  # (1, M, 1, 1)
-        query = scale * to_point.reshape(B, 1, Q, N * 3)  # (B, M, Q, 3N)
-        HW = directions.shape[2]
-        own_camera = torch.eye(N, device=directions.device, dtype=directions.dtype).view(1, N, 1, N, 1)
-        key = (directions[:, :, :, None] * own_camera).reshape(B, N * HW, N * 3)  # keys in memory order
-        return LowRankBias(query, key)
+        """The module-level ray_attention_bias with this head's learned per-head log-widths."""
+        return ray_attention_bias(reference, centres, directions, self.ray_bias_scale, self.pc_range)
 
     def forward(self, feats, lidar2img, img_shape, pad_shape, denoising=None):
         """feats: list of (B, N, C_in, H_l, W_l); lidar2img (B, N, 4, 4); img_shape (B, 2) valid (H, W);
         denoising: DenoisingQueries or None -> SetPredictions (L layers, box codes with centres in metres)."""
         x = feats[self.in_level]
         B, N, _, H, W = x.shape
-        mask = padding_mask(img_shape, pad_shape, (H, W))[:, None].expand(B, N, H, W).reshape(B * N, H, W)
+        mask = padding_mask(img_shape, pad_shape, (H, W), self.cell_offset)[:, None].expand(B, N, H, W)
+        mask = mask.reshape(B * N, H, W)
         memory = self.input_proj(x.flatten(0, 1))  # (B*N, C, H, W)
         pos = self.position_encoder(self.position_embedding(lidar2img, pad_shape, (H, W)))
         if self.sine_2d is not None:
             pos = pos + self.adapt_pos2d(self.sine_2d(mask))
+        if self.with_multiview:
+            pos = pos + self.adapt_pos3d(multiview_sine(mask.view(B, N, H, W), memory.shape[1] // 2))
         C = memory.shape[1]
         memory = memory.view(B, N, C, H * W).permute(0, 1, 3, 2).reshape(B, N * H * W, C)
         pos = pos.view(B, N, C, H * W).permute(0, 1, 3, 2).reshape(B, N * H * W, C)
@@ -160,8 +252,8 @@ class PETRHead(nn.Module):
             reference = torch.cat([denoising.reference, reference], 1)  # (B, P + Q, 3)
             content = torch.cat([content.new_zeros(B, denoising.num_queries, C), content], 1)
             self_attn_mask = denoising.attn_mask
-        key_padding_mask = mask.reshape(B, N * H * W) if mask.any() else None  # None keeps SDPA's fused kernels
-        rays = None if self.ray_bias_scale is None else camera_rays(lidar2img, pad_shape, (H, W))
+        key_padding_mask = key_padding(mask, B)
+        rays = None if self.ray_bias_scale is None else camera_rays(lidar2img, pad_shape, (H, W), self.cell_offset)
         cls_out, box_out = [], []
         for i, layer in enumerate(self.decoder.layers):
             if i == 0 or self.with_box_refine:
@@ -177,16 +269,26 @@ class PETRHead(nn.Module):
         return split_denoising(torch.stack(cls_out), torch.stack(box_out), denoising)
 
 
-def build_head(cfg):
+def check_in_level(cfg):
+    """The head reads one neck level: model.head.in_level must be one of them."""
     m, h = cfg.model, cfg.model.head
     if h.in_level >= m.neck.num_outs:
         raise Bev3dError(f"model.head.in_level ({h.in_level}) must name one of the neck's "
                          f"{m.neck.num_outs} levels (model.neck.num_outs).")
+
+
+def build_head(cfg):
+    m, h = cfg.model, cfg.model.head
+    if h.with_multiview and not h.with_2d_pe:
+        raise Bev3dError("model.head.with_multiview is the official form of the 2D position embedding: it needs "
+                         "model.head.with_2d_pe: true.")
+    check_in_level(cfg)
     return PETRHead(m.neck.out_channels, h.num_classes, m.pc_range, num_queries=h.num_queries,
                     embed_dims=h.embed_dims, num_heads=h.num_heads, num_decoder_layers=h.num_decoder_layers,
                     ffn_dims=h.ffn_dims, dropout=h.dropout, in_level=h.in_level, depth_num=h.depth_num,
                     depth_start=h.depth_start, position_range=h.position_range, with_2d_pe=h.with_2d_pe,
-                    query_content=h.query_content, ray_bias=h.ray_bias, with_box_refine=h.with_box_refine)
+                    query_content=h.query_content, ray_bias=h.ray_bias, with_box_refine=h.with_box_refine,
+                    cell_point=h.cell_point, with_multiview=h.with_multiview)
 
 
 def build(cfg):

@@ -98,8 +98,9 @@ class DeformableDecoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(embed_dims)
         self.ffn = FFN(embed_dims, ffn_dims, dropout)
 
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask=None):
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(tgt, query_pos=query_pos)))
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask=None,
+                self_attn_mask=None):
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(tgt, query_pos=query_pos, attn_mask=self_attn_mask)))
         attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                                    padding_mask)
         return self.ffn(self.norm2(tgt + self.dropout2(attended)))
@@ -145,12 +146,13 @@ class DeformableDecoder(nn.Module):
         self.bbox_embed = None  # set by the model when refining boxes
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, valid_ratios,
-                padding_mask=None):
+                padding_mask=None, self_attn_mask=None):
         hidden, references = [], []
         for lid, layer in enumerate(self.layers):
             scale = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
             ref_input = reference_points[:, :, None] * scale[:, None]  # (B, Q, L, 2 or 4)
-            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask)
+            tgt = layer(tgt, query_pos, ref_input, memory, spatial_shapes, level_start_index, padding_mask,
+                        self_attn_mask)
             hidden.append(tgt)
             references.append(reference_points)
             if self.bbox_embed is not None:
@@ -169,6 +171,20 @@ def valid_ratio(mask):
     valid_h = (~mask[:, :, 0]).sum(1).float()
     valid_w = (~mask[:, 0, :]).sum(1).float()
     return torch.stack([valid_w / W, valid_h / H], -1)
+
+
+def flatten_levels(srcs, masks, pos_embeds, level_embed):
+    """Per level (B, C, H_l, W_l) features, (B, H_l, W_l) masks and positions -> the flattened memory (B, S, C),
+    its mask (B, S) and positions + level embeddings (B, S, C), spatial_shapes (L, 2), level_start_index (L,)
+    and valid_ratios (B, L, 2)."""
+    shapes = [src.shape[-2:] for src in srcs]
+    spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)  # (L, 2)
+    level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+    src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
+    mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
+    pos = torch.cat([(p.flatten(2).transpose(1, 2) + level_embed[lvl]) for lvl, p in enumerate(pos_embeds)], 1)
+    valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)  # (B, L, 2)
+    return src, mask, pos, spatial_shapes, level_start_index, valid_ratios
 
 
 def encoder_proposals(memory, padding_mask, spatial_shapes):
@@ -211,15 +227,20 @@ class DeformableTransformer(nn.Module):
     srcs/masks/pos: per level (B, C, H_l, W_l) / (B, H_l, W_l) / (B, C, H_l, W_l).
     Single stage: `query_embed` (Q, 2C) splits into query position and content; reference points are a
     linear map of the position. Two stage: the encoder output scores every position as a proposal and
-    the top-k proposals become reference boxes and (through pos_trans) the queries.
+    the top-k proposals become reference boxes and (through pos_trans) the queries; `two_stage_topk` "all"
+    ranks every position as the original does, "valid" only those inside the image and off its border.
     """
 
     def __init__(self, embed_dims=256, num_heads=8, num_encoder_layers=6, num_decoder_layers=6, ffn_dims=1024,
-                 dropout=0.1, num_levels=4, num_points=4, two_stage=False, two_stage_num_proposals=300):
+                 dropout=0.1, num_levels=4, num_points=4, two_stage=False, two_stage_num_proposals=300,
+                 two_stage_topk="all"):
         super().__init__()
+        if two_stage_topk not in ("all", "valid"):
+            raise ValueError(f"two_stage_topk must be 'all' or 'valid', got {two_stage_topk!r}")
         kw = dict(embed_dims=embed_dims, ffn_dims=ffn_dims, dropout=dropout, num_levels=num_levels,
                   num_heads=num_heads, num_points=num_points)
         self.embed_dims, self.two_stage, self.num_proposals = embed_dims, two_stage, two_stage_num_proposals
+        self.two_stage_topk = two_stage_topk
         self.encoder = DeformableEncoder(num_encoder_layers, **kw)
         self.decoder = DeformableDecoder(num_decoder_layers, **kw)
         self.level_embed = nn.Parameter(torch.empty(num_levels, embed_dims))
@@ -250,15 +271,11 @@ class DeformableTransformer(nn.Module):
             if isinstance(m, MSDeformAttn):
                 m.backend = backend
 
-    def forward(self, srcs, masks, pos_embeds, query_embed=None):
-        shapes = [src.shape[-2:] for src in srcs]
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)  # (L, 2)
-        level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
-        src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # (B, S, C)
-        mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
-        pos = torch.cat([(p.flatten(2).transpose(1, 2) + self.level_embed[lvl]) for lvl, p in enumerate(pos_embeds)], 1)
-        valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)  # (B, L, 2)
-
+    def forward(self, srcs, masks, pos_embeds, query_embed=None, extra_queries=None):
+        """extra_queries: (content (B, P, C), position (B, P, C), references (B, P, 2 or 4, as the object queries'),
+        self-attention mask (P + Q, P + Q)) of queries that go in front of the object queries (query denoising)."""
+        src, mask, pos, spatial_shapes, level_start_index, valid_ratios = flatten_levels(srcs, masks, pos_embeds,
+                                                                                         self.level_embed)
         memory = self.encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, mask)
 
         B, C = memory.shape[0], self.embed_dims
@@ -269,8 +286,9 @@ class DeformableTransformer(nn.Module):
             out_memory = self.enc_output_norm(self.enc_output(out_memory))
             enc_logits = self.enc_class_embed(out_memory)  # (B, S, num_classes)
             enc_coord_unact = self.enc_bbox_embed(out_memory) + proposals
-            # Padded and border positions never become queries.
-            objectness = enc_logits[..., 0].masked_fill(~valid, float("-inf"))
+            objectness = enc_logits[..., 0]  # (B, S)
+            if self.two_stage_topk == "valid":  # padded and border positions never become queries
+                objectness = objectness.masked_fill(~valid, float("-inf"))
             topk = objectness.topk(min(self.num_proposals, objectness.shape[1]), dim=1)[1]  # (B, K)
             coords = torch.gather(enc_coord_unact, 1, topk[..., None].expand(-1, -1, 4)).detach()
             reference_points = coords.sigmoid()
@@ -282,6 +300,11 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt = query_pos[None].expand(B, -1, -1), tgt[None].expand(B, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()  # (B, Q, 2)
 
+        self_attn_mask = None
+        if extra_queries is not None:
+            extra_tgt, extra_pos, extra_ref, self_attn_mask = extra_queries
+            tgt, query_pos = torch.cat([extra_tgt, tgt], 1), torch.cat([extra_pos, query_pos], 1)
+            reference_points = torch.cat([extra_ref, reference_points], 1)
         hidden, references = self.decoder(tgt, query_pos, reference_points, memory, spatial_shapes,
-                                          level_start_index, valid_ratios, mask)
+                                          level_start_index, valid_ratios, mask, self_attn_mask)
         return hidden, references, enc

@@ -69,10 +69,10 @@ class TransformerDecoder(nn.Module):
         self.layers = nn.ModuleList(TransformerDecoderLayer(embed_dims, **layer_kwargs) for _ in range(num_layers))
         self.norm = nn.LayerNorm(embed_dims)
 
-    def forward(self, tgt, memory, query_pos=None, pos=None, key_padding_mask=None):
+    def forward(self, tgt, memory, query_pos=None, pos=None, key_padding_mask=None, self_attn_mask=None):
         outs = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, query_pos, pos, key_padding_mask)
+            tgt = layer(tgt, memory, query_pos, pos, key_padding_mask, self_attn_mask)
             outs.append(self.norm(tgt))
         return torch.stack(outs)  # (num_layers, B, Q, C)
 
@@ -80,8 +80,9 @@ class TransformerDecoder(nn.Module):
 class Transformer(nn.Module):
     """DETR: encode the flattened feature map, decode `query_embed` against it.
 
-    src (B, C, H, W), mask (B, H, W) True at padding, query_embed (Q, C), pos (B, C, H, W)
-    -> decoder outputs (num_decoder_layers, B, Q, C).
+    src (B, C, H, W), mask (B, H, W) True at padding, query_embed (Q, C) or (B, Q, C), pos (B, C, H, W)
+    -> decoder outputs (num_decoder_layers, B, Q, C). `tgt` (B, Q, C) is the decoder's input content (zeros by
+    default); `self_attn_mask` masks the queries' self-attention (query denoising).
     """
 
     def __init__(self, embed_dims=256, num_heads=8, num_encoder_layers=6, num_decoder_layers=6, ffn_dims=2048,
@@ -92,11 +93,12 @@ class Transformer(nn.Module):
         self.encoder = TransformerEncoder(num_encoder_layers, embed_dims=embed_dims, **kw)
         self.decoder = TransformerDecoder(num_decoder_layers, embed_dims=embed_dims, **kw)
 
-    def forward(self, src, mask, query_embed, pos):
+    def forward(self, src, mask, query_embed, pos, tgt=None, self_attn_mask=None):
         B = src.shape[0]
         src = src.flatten(2).transpose(1, 2)  # (B, HW, C)
         pos = pos.flatten(2).transpose(1, 2)
         mask = mask.flatten(1)  # (B, HW)
         memory = self.encoder(src, pos, mask)
-        query_pos = query_embed[None].expand(B, -1, -1)  # (B, Q, C)
-        return self.decoder(torch.zeros_like(query_pos), memory, query_pos, pos, mask)
+        query_pos = query_embed.expand(B, -1, -1)  # (B, Q, C)
+        tgt = torch.zeros_like(query_pos) if tgt is None else tgt
+        return self.decoder(tgt, memory, query_pos, pos, mask, self_attn_mask)

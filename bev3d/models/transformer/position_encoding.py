@@ -61,3 +61,18 @@ def build_position_encoding(kind, embed_dims, offset=0.0):
     if kind == "learned":
         return PositionEmbeddingLearned(embed_dims // 2)
     raise ValueError(f"position encoding must be 'sine' or 'learned', got {kind!r}")
+
+
+def sine_embed(values, num_feats, temperature=10000, scale=2 * math.pi):
+    """(...) values in [0, 1] -> (..., num_feats) [sin, cos, sin, ...] at DETR's frequencies (one coordinate)."""
+    dtype = torch.promote_types(values.dtype, torch.float32)  # at least float32: angles up to 2 pi
+    dim_t = torch.arange(num_feats, dtype=dtype, device=values.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / num_feats)
+    pos = values[..., None].to(dtype) * scale / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+def sine_embed_xy(points, num_feats):
+    """(..., 2) normalised (x, y) -> (..., 2 * num_feats) as [y-part, x-part], the channel order of
+    PositionEmbeddingSine, so that a query's embedding and the feature map's are comparable."""
+    return torch.cat([sine_embed(points[..., 1], num_feats), sine_embed(points[..., 0], num_feats)], -1)
