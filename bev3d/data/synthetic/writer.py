@@ -37,7 +37,7 @@ RIG_VERSION = 3  # 3: 80 samples per scene by default (was 40)
 RIG_STAMP = "synthetic_rig.json"  # in the dataset root, next to the tables' folder
 SAMPLE_PERIOD_US = 500_000  # key frames at 2 Hz
 # Twice a real nuScenes scene (40 s instead of 20 s): more distinct views for the demo's tiny PETR in the same
-# number of steps (mAP 0.245 vs 0.193 on 160 validation samples, docs/datasets.md).
+# number of steps (docs/datasets.md).
 SAMPLES_PER_SCENE = 80
 
 

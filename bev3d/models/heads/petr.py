@@ -195,8 +195,8 @@ class PETRHead(nn.Module):
         # points away from its reference point, with a learned log-width per head. With it, a from-scratch
         # PETR does not have to discover from the loss alone which tokens its anchor sees. The initial widths
         # span one feature cell (~3 degrees at stride 16, 1 - cos = 0.0014) to a near object (~30 degrees,
-        # 0.13). Learned widths (and anchors that get a gradient through the bias) beat fixed ones in the
-        # rig-2 demo (mAP 0.216 vs 0.186).
+        # 0.13). Learned widths (and anchors that get a gradient through the bias) beat fixed ones
+        # (docs/models.md).
         self.ray_bias_scale = None
         if ray_bias:
             self.ray_bias_scale = nn.Parameter(ray_bias_scales(num_heads))
