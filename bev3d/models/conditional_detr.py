@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from bev3d.models.backbones import build_backbone
 from bev3d.models.core.build import build_denoising
 from bev3d.models.core.predictions import split_denoising
-from bev3d.models.detr import SetDetector2D, check_config
+from bev3d.models.detr import SetDetector2D, boxes_around_points, check_config
 from bev3d.models.necks import build_neck
-from bev3d.models.transformer import FFN, MLP, TransformerEncoder, build_position_encoding, inverse_sigmoid
+from bev3d.models.transformer import FFN, MLP, TransformerEncoder, build_position_encoding
 from bev3d.models.transformer.attention import merge_masks
 from bev3d.models.transformer.position_encoding import sine_embed_xy
 
@@ -167,8 +167,7 @@ class ConditionalDETR(SetDetector2D):
             self_attn_mask = dn.attn_mask
         hidden = self.transformer(feats[-1], masks[-1], pos[-1], tgt, query_pos, reference,
                                   self_attn_mask)  # (L, B, P + Q, C)
-        delta = self.bbox_embed(hidden)
-        boxes = torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
+        boxes = boxes_around_points(self.bbox_embed(hidden), reference)
         return split_denoising(self.class_embed(hidden), boxes, dn)
 
 

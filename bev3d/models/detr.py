@@ -15,7 +15,7 @@ from bev3d.models.backbones import build_backbone
 from bev3d.models.core.build import build_denoising
 from bev3d.models.core.predictions import split_denoising
 from bev3d.models.necks import build_neck
-from bev3d.models.transformer import MLP, Transformer, build_position_encoding
+from bev3d.models.transformer import MLP, Transformer, build_position_encoding, inverse_sigmoid
 from bev3d.models.transformer.deformable_transformer import proposal_pos_embed
 
 
@@ -88,6 +88,13 @@ class DETR(SetDetector2D):
         hidden = self.transformer(feats[-1], masks[-1], query_pos, pos[-1], tgt,
                                   None if dn is None else dn.attn_mask)  # (L, B, P + Q, C)
         return split_denoising(self.class_embed(hidden), self.bbox_embed(hidden).sigmoid(), dn)
+
+
+def boxes_around_points(delta, reference):
+    """Box deltas (..., 4) in logit space around 2D reference points (..., 2) in [0, 1] -> cxcywh boxes in [0, 1]:
+    the centre is the reference moved in inverse-sigmoid space, the size the delta alone (Conditional / Anchor
+    DETR)."""
+    return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
 
 
 def check_config(cfg, denoising=True, focal=False, single_level=False, fpn=False):

@@ -7,9 +7,8 @@ The sampling weights are per (camera, level) (model.head.attention_weights: came
 """
 
 from bev3d.errors import Bev3dError
-from bev3d.models.convert.common import KeyMap
-from bev3d.models.convert.mmdet3d import (HEAD, check_family, convert_backbone, convert_branches, convert_layer,
-                                          convert_neck, warn_unless)
+from bev3d.models.convert.mmdet3d import (HEAD, check_family, convert_branches, convert_layer, start_keymap,
+                                          warn_unless)
 
 
 def convert(source, cfg, model_state):
@@ -33,11 +32,8 @@ def convert_detr3d(source, cfg, model_state, boxes, family, projection):
                          f"configs (detr3d_*_nus) do.")
     warn_unless(h.projection == projection, f"{family}: this checkpoint was trained with model.head.projection="
                 f"{projection!r}; with {h.projection!r} the outputs will differ.")
-    km = KeyMap(source, family)
-    convert_backbone(km, cfg)
-    convert_neck(km, model_state)
-    if km.has(f"{HEAD}code_weights"):
-        km.drop([f"{HEAD}code_weights"], "the training loss's code weights (model.loss.code_weights)")
+    km = start_keymap(source, family, cfg, model_state, ["code_weights"],
+                      "the training loss's code weights (model.loss.code_weights)")
     km.rename(f"{HEAD}query_embedding.weight", "head.query_embedding.weight")
     km.rename_prefix(f"{HEAD}transformer.reference_points.", "head.reference_points.")
     for i in range(h.num_decoder_layers):

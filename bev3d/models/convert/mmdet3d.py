@@ -13,6 +13,7 @@ import logging
 import re
 
 from bev3d.errors import Bev3dError
+from bev3d.models.convert.common import KeyMap
 
 BACKBONE, NECK, HEAD = "img_backbone.", "img_neck.", "pts_bbox_head."
 BOX_LAYOUTS = ("mmdet3d0.17", "mmdet3d1", "streampetr")
@@ -60,6 +61,16 @@ def convert_neck(km, model_state):
             km.rename(k, f"neck.extra_convs.{i - num_ins}.{kind_of_tensor}")
         else:
             km.rename(k, f"neck.{kind}.{i}.{kind_of_tensor}")
+
+
+def start_keymap(source, family, cfg, model_state, config_copies, why):
+    """The KeyMap of a PETR-family checkpoint with its backbone and neck mapped and the head's copies of config
+    values (`config_copies`, names under pts_bbox_head.) dropped as `why`."""
+    km = KeyMap(source, family)
+    convert_backbone(km, cfg)
+    convert_neck(km, model_state)
+    km.drop([f"{HEAD}{k}" for k in config_copies if km.has(f"{HEAD}{k}")], why)
+    return km
 
 
 def convert_layer(km, src, dst, cross_attn):

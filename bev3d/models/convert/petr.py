@@ -6,9 +6,8 @@ equal to copy 0 and dropped. `code_weights` (the loss's, model.loss.code_weights
 """
 
 from bev3d.errors import Bev3dError
-from bev3d.models.convert.common import KeyMap
-from bev3d.models.convert.mmdet3d import (HEAD, check_family, convert_backbone, convert_branches, convert_layer,
-                                          convert_neck, warn_unless)
+from bev3d.models.convert.mmdet3d import (HEAD, check_family, convert_branches, convert_layer, start_keymap,
+                                          warn_unless)
 
 
 def convert(source, cfg, model_state):
@@ -33,11 +32,8 @@ def convert_petr(source, cfg, model_state, boxes, family):
                          f"the released configs (petr_*_gridmask_*) do.")
     warn_unless(h.cell_point == "corner", f"{family}: the official frustum starts at the feature cells' corners; with "
                 f"model.head.cell_point={h.cell_point!r} the outputs will differ (set it to 'corner').")
-    km = KeyMap(source, family)
-    convert_backbone(km, cfg)
-    convert_neck(km, model_state)
-    if km.has(f"{HEAD}code_weights"):
-        km.drop([f"{HEAD}code_weights"], "the training loss's code weights (model.loss.code_weights)")
+    km = start_keymap(source, family, cfg, model_state, ["code_weights"],
+                      "the training loss's code weights (model.loss.code_weights)")
     for name in ("input_proj", "position_encoder", "reference_points", "query_embedding"):
         km.rename_prefix(f"{HEAD}{name}.", f"head.{name}.")
     km.rename_prefix(adapt, "head.adapt_pos3d." if multiview else "head.adapt_pos2d.")

@@ -8,9 +8,8 @@ values (`code_weights`, `match_costs`, `pc_range`, `position_range`, `coords_d`)
 """
 
 from bev3d.errors import Bev3dError
-from bev3d.models.convert.common import KeyMap
-from bev3d.models.convert.mmdet3d import (HEAD, check_family, convert_backbone, convert_branches, convert_layer,
-                                          convert_neck, warn_unless)
+from bev3d.models.convert.mmdet3d import (HEAD, check_family, convert_branches, convert_layer, start_keymap,
+                                          warn_unless)
 
 CONFIG_COPIES = ("code_weights", "match_costs", "pc_range", "position_range", "coords_d")
 
@@ -28,11 +27,8 @@ def convert(source, cfg, model_state):
                 f"with model.head.cell_point={h.cell_point!r} the outputs will differ (set it to 'centre').")
     warn_unless(not h.velocity_extrapolation, f"{family}: the official memory moves with the ego motion only; "
                 f"model.head.velocity_extrapolation: true changes the outputs.")
-    km = KeyMap(source, family)
-    convert_backbone(km, cfg)
-    convert_neck(km, model_state)
-    km.drop([f"{HEAD}{k}" for k in CONFIG_COPIES if km.has(f"{HEAD}{k}")],
-            "a copy of a config value (model.loss.code_weights, model.pc_range, model.head.position_range, ...)")
+    km = start_keymap(source, family, cfg, model_state, CONFIG_COPIES,
+                      "a copy of a config value (model.loss.code_weights, model.pc_range, model.head.position_range, ...)")
     km.drop_matching(lambda k: k.startswith("img_roi_head."), "the 2D auxiliary head (training only, not built)")
     for name in ("memory_embed", "position_encoder", "spatial_alignment", "reference_points", "query_embedding",
                  "time_embedding", "ego_pose_pe", "ego_pose_memory"):
