@@ -21,7 +21,9 @@ def _add_synth(sub):
     p = sub.add_parser(
         "synth",
         help="write the synthetic camera rig as a nuScenes-format dataset",
-        epilog="example:\n  bev3d synth --out data/synth --seed 0 --image-size 1600x900",
+        epilog="examples:\n  bev3d synth --out data/synth --seed 0\n"
+               "  bev3d synth --out data/synth_fixed --style fixed --image-size 1600x900\n"
+               "  bev3d synth --out data/synth_heldout --style-seed 1000 --image-size 800x450",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output directory (the dataset root)")
@@ -31,7 +33,14 @@ def _add_synth(sub):
     p.add_argument("--train-scenes", type=int, default=None, help="number of mini_train scenes (at most 8)")
     p.add_argument("--samples-per-scene", type=int, default=None, help="key frames per scene at 2 Hz (default 80)")
     p.add_argument("--image-size", type=_image_size, default=None,
-                   help="WIDTHxHEIGHT (default 1600x900 for nuscenes, intrinsics scaled to match; 128x128 for shapes2d)")
+                   help="WIDTHxHEIGHT of every image (nuscenes default: each random-style scene draws one of "
+                        "1600x900 .. 800x450, fixed style 1600x900; intrinsics scaled to match; shapes2d: 128x128)")
+    p.add_argument("--style", choices=["random", "fixed"], default="random",
+                   help="nuscenes: random: each scene its own look (colours and textures independent of class, "
+                        "ground, sky, light, traffic, camera response); fixed: the rig's original look")
+    p.add_argument("--style-seed", type=int, default=0,
+                   help="seed of the random styles (independent of --seed, which draws the layout); seeds >= 1000 "
+                        "are reserved for held-out evaluation sets")
     p.add_argument("--num-images", type=int, default=None, help="shapes2d only: number of images")
 
 

@@ -57,6 +57,17 @@ class NeckConfig:
 
 
 @dataclass
+class MonoLossConfig:
+    """The weights of the monocular box terms (box kind "mono", bev3d.models.core.box_coder_mono)."""
+
+    center_weight: float = 10.0  # L1 of the projected 3D centre
+    depth_weight: float = 1.0  # Laplacian aleatoric-uncertainty depth loss
+    dim_weight: float = 1.0  # L1 of the log sizes
+    angle_weight: float = 1.0  # heading-bin cross-entropy + residual L1
+    depth_map_weight: float = 1.0  # focal loss of the dense depth-bin map
+
+
+@dataclass
 class LossConfig:
     cls_weight: float = 2.0
     bbox_weight: float = 0.25
@@ -67,6 +78,7 @@ class LossConfig:
     no_object_weight: float = 0.1
     code_weights: list[float] = field(default_factory=lambda: [1.0] * 8 + [0.2, 0.2])  # 3D: per box-code entry
     aux_loss: bool = True  # every decoder layer's predictions get the loss, not only the last layer's
+    mono: MonoLossConfig = field(default_factory=MonoLossConfig)
 
 
 @dataclass
@@ -74,6 +86,7 @@ class MatcherConfig:
     cost_class: float = 2.0
     cost_bbox: float = 0.25
     cost_giou: float = 0.0
+    cost_center: float = 0.0  # box kind "mono": L1 of the projected 3D centre
 
 
 @dataclass
@@ -148,6 +161,9 @@ class DataConfig:
     batch_size: int = 1
     num_workers: int = 2
     skip_bad_samples: bool = False
+    # what a training item is: a whole camera rig, or one camera of it with the boxes it sees (monocular models);
+    # inference always reads whole rigs
+    train_view: str = field(default="rig", metadata={"choices": ("rig", "per_camera")})
 
 
 @dataclass

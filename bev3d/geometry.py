@@ -185,3 +185,52 @@ _CORNER_SIGNS = [
     [-1, -1, -1],
     [-1, 1, -1],
 ]
+
+
+# ----------------------------------------------------------------------------- monocular yaw
+
+
+def _xp(x):
+    """The array module of `x`: numpy, or torch for tensors."""
+    if _is_torch(x):
+        import torch
+
+        return torch
+    return np
+
+
+def camera_yaw(yaw, lidar2cam):
+    """LiDAR yaw (...) -> camera yaw (...): the angle of the box's length axis about camera +y (KITTI's
+    rotation_y; 0 along camera +x, pi / 2 along camera -z). lidar2cam (..., 4, 4); numpy or torch."""
+    xp = _xp(yaw)
+    axis = xp.stack([xp.cos(yaw), xp.sin(yaw), xp.zeros_like(yaw)], -1)[..., None]  # (..., 3, 1) LiDAR
+    axis = (lidar2cam[..., :3, :3] @ axis)[..., 0]  # (..., 3) camera
+    return xp.arctan2(-axis[..., 2], axis[..., 0])
+
+
+def lidar_yaw(cam_yaw, cam2lidar):
+    """Camera yaw (...) -> LiDAR yaw (...), the inverse of `camera_yaw` for cameras whose y axis is vertical
+    (a tilted camera loses the tilt of the length axis). cam2lidar (..., 4, 4); numpy or torch."""
+    xp = _xp(cam_yaw)
+    axis = xp.stack([xp.cos(cam_yaw), xp.zeros_like(cam_yaw), -xp.sin(cam_yaw)], -1)[..., None]  # camera
+    axis = (cam2lidar[..., :3, :3] @ axis)[..., 0]
+    return xp.arctan2(axis[..., 1], axis[..., 0])
+
+
+def ray_angle(u, intrinsics):
+    """Pixel column u (...) -> the angle (...) of its viewing ray from the optical axis about camera +y
+    (atan2(u - c_x, f_x), positive to the right), with intrinsics (..., 3, 3): the camera yaw of a box is its
+    local yaw (the observation angle alpha, what its appearance shows) plus this angle of its centre's ray."""
+    return _xp(u).arctan2(u - intrinsics[..., 0, 2], intrinsics[..., 0, 0])
+
+
+def lid_depths(index, num_bins, start, end):
+    """Linear-increasing depth discretisation (LID): depth start + (end - start) i (i + 1) / (K (K + 1)) at (float)
+    index i (...) of K = num_bins bins; numpy or torch."""
+    return start + (end - start) * index * (index + 1) / (num_bins * (num_bins + 1))
+
+
+def lid_index(depth, num_bins, start, end):
+    """Depths (...) -> their continuous LID index (...), the inverse of `lid_depths`; torch."""
+    bin_size = 2 * (end - start) / (num_bins * (num_bins + 1))
+    return -0.5 + 0.5 * ((1 + 8 * (depth - start) / bin_size).clamp(min=0)).sqrt()

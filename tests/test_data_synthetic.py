@@ -161,3 +161,65 @@ def test_rig_stamp_names_sets_an_older_rig_wrote(synth_root, tmp_path):
     (tmp_path / synthetic.RIG_STAMP).write_text(json.dumps({"rig_version": synthetic.RIG_VERSION - 1}))
     assert synthetic.stale_rig_version(tmp_path) == synthetic.RIG_VERSION - 1
     assert synthetic.stale_rig_version(tmp_path / "real_nuscenes_without_stamp") is None
+
+
+def _digests(root):
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest() for p in sorted(Path(root).rglob("*"))
+            if p.is_file()}
+
+
+def test_random_styles_are_seeded(tmp_path):
+    """The same seeds write the same bytes; another style seed changes the images, not the data's structure."""
+    kwargs = {"seed": 2, "train_scenes": 2, "val_scenes": 0, "samples_per_scene": 2, "workers": 1}
+    a = _digests(synthetic.write_synthetic_nuscenes(tmp_path / "a", style_seed=5, **kwargs))
+    b = _digests(synthetic.write_synthetic_nuscenes(tmp_path / "b", style_seed=5, **kwargs))
+    c = _digests(synthetic.write_synthetic_nuscenes(tmp_path / "c", style_seed=6, **kwargs))
+    assert a == b
+    jpgs = [k for k in a if k.endswith(".jpg")]
+    assert len(jpgs) == 2 * 2 * len(CAMERAS) and all(a[k] != c.get(k) for k in jpgs)
+    styles = json.loads((tmp_path / "a" / synthetic.STYLE_FILE).read_text())
+    looks = {tuple(v["bgr"]) for v in styles["instances"].values()}
+    assert styles["style"] == "random" and len(styles["scenes"]) == 2 and len(looks) > len(CLASSES)
+
+
+def test_fixed_style_writes_the_original_rig(tmp_path):
+    """`style="fixed"` reproduces the rig as version 3 wrote it (tests/data/synth_fixed: two of its images and
+    every annotation, written before the styles existed)."""
+    golden = Path(__file__).parent / "data" / "synth_fixed"
+    root = synthetic.write_synthetic_nuscenes(tmp_path, seed=0, train_scenes=2, val_scenes=1, samples_per_scene=3,
+                                              image_size=(480, 270), style="fixed", workers=1)
+    anns = json.loads((root / "v1.0-mini" / "sample_annotation.json").read_text())
+    expected = json.loads((golden / "annotations.json").read_text())
+    assert [a["token"] for a in anns] == [e["token"] for e in expected]
+    for a, e in zip(anns, expected):
+        assert np.allclose(a["translation"], e["translation"], atol=1e-5)
+        assert np.allclose(a["size"], e["size"], atol=1e-5) and a["num_lidar_pts"] == e["num_lidar_pts"]
+    for cam, stamp in (("CAM_FRONT", 1532402900012000), ("CAM_BACK", 1532402900037000)):
+        img = cv2.imread(str(root / f"samples/{cam}/synth-0-scene-0061__{cam}__{stamp}.jpg")).astype(int)
+        ref = cv2.imread(str(golden / f"{cam}.jpg")).astype(int)
+        assert img.shape == ref.shape and (np.abs(img - ref) > 8).mean() < 0.002, cam
+
+
+def test_random_style_sizes_and_calibration(random_synth_root):
+    """Each random-style scene has its own image size; the devkit reads the intrinsics scaled to it."""
+    nusc = NuScenes(version="v1.0-mini", dataroot=str(random_synth_root), verbose=False)
+    styles = json.loads((Path(random_synth_root) / synthetic.STYLE_FILE).read_text())
+    for scene in nusc.scene:
+        width, height = styles["scenes"][scene["name"]]["image_size"]
+        sample = nusc.get("sample", scene["first_sample_token"])
+        sd = nusc.get("sample_data", sample["data"]["CAM_FRONT"])
+        K = np.array(nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])["camera_intrinsic"])
+        assert (sd["width"], sd["height"]) == (width, height)
+        assert cv2.imread(str(Path(random_synth_root) / sd["filename"])).shape[:2] == (height, width)
+        assert np.isclose(K[0, 0], 1266.417203046554 * width / 1600)
+
+
+def test_cli_rejects_unknown_style(tmp_path, capsys):
+    from bev3d.cli import main as cli_main
+
+    assert cli_main(["synth", "--out", str(tmp_path), "--style", "cartoon"]) == 2
+    assert "--style" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    with pytest.raises(Bev3dError, match="--style"):
+        synthetic.write_synthetic_nuscenes(tmp_path, style="cartoon")

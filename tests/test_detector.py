@@ -10,6 +10,8 @@ from bev3d.config import load_config
 from bev3d.data import build_dataset, collate
 from bev3d.models import build_criterion, build_model, build_postprocess
 from bev3d.models.core import SetPredictions
+from bev3d.models.core.build import build_box_coder
+from bev3d.models.registry import MODELS
 from bev3d.models.detector import MultiViewDetector
 
 CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")
@@ -45,6 +47,7 @@ def test_every_config_runs_forward_backward_and_postprocess(name, synth_root):
     torch.manual_seed(0)
     model, criterion, postprocess = build_model(cfg).train(), build_criterion(cfg), build_postprocess(cfg)
     is_3d = cfg.data.type == "nuscenes"
+    mono = MODELS[cfg.model.type].boxes == "mono"  # per camera image: the batch holds two camera items
     assert isinstance(model, MultiViewDetector) == is_3d
     targets = batch["targets"]
     out = model(batch, targets)
@@ -54,7 +57,7 @@ def test_every_config_runs_forward_backward_and_postprocess(name, synth_root):
     if getattr(h, "two_stage", False):  # at most one query per position of the small image
         Q = min(Q, out.enc.logits.shape[-2])
     assert isinstance(out, SetPredictions)
-    assert out.logits.shape == (L, B, Q, K) and out.boxes.shape == (L, B, Q, 10 if is_3d else 4)
+    assert out.logits.shape == (L, B, Q, K) and out.boxes.shape == (L, B, Q, build_box_coder(cfg).code_size)
     assert (out.dn is not None) == (cfg.model.denoising.groups > 0)
 
     losses = criterion(out, targets)
@@ -63,7 +66,9 @@ def test_every_config_runs_forward_backward_and_postprocess(name, synth_root):
     prefixes += [f"d{i}.dn." for i in range(L - 1)] if out.dn is not None else []
     prefixes += ["enc."] if out.enc is not None else []
     terms = ("loss_cls", "loss_bbox") if is_3d else ("loss_cls", "loss_bbox", "loss_giou")
-    assert set(weighted) == {p + t for p in prefixes for t in terms}
+    if mono:
+        terms = ("loss_cls", "loss_bbox", "loss_giou", "loss_center", "loss_depth", "loss_dim", "loss_angle")
+    assert set(weighted) == {p + t for p in prefixes for t in terms} | ({"loss_depth_map"} if mono else set())
     assert set(losses) - set(weighted) == {"cardinality_error"}
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
     sum(weighted.values()).backward()
@@ -75,6 +80,8 @@ def test_every_config_runs_forward_backward_and_postprocess(name, synth_root):
     assert backbone and backbone[-1].grad is not None and backbone[-1].grad.abs().sum() > 0
 
     model.eval()
+    if mono:  # inference reads whole rigs
+        batch = collate([build_dataset(cfg, "mini_val")[i] for i in range(B)])
     with torch.no_grad():
         out = model(batch)
         detections = postprocess(out, batch)

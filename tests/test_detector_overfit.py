@@ -9,6 +9,7 @@ engine) on reduced inputs (64x176 images) keeps each test to a few minutes on tw
 import numpy as np
 import pytest
 import torch
+from overfit import overfit
 
 from bev3d.config import load_config
 from bev3d.data import build_dataset, collate
@@ -73,23 +74,11 @@ def test_tiny_detector_overfits_two_samples(name, lr, max_steps, synth_root):
     torch.manual_seed(0)
     model, criterion, postprocess = build_model(cfg), build_criterion(cfg), build_postprocess(cfg)
     targets = batch["targets"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    # A tenfold lr drop for the last half: the centres then settle within the 0.5 m threshold.
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [max_steps // 2], 0.1)
-    best = 0.0
-    for step in range(1, max_steps + 1):
-        model.train()
-        loss = sum(criterion.weighted(criterion(model(batch, targets), targets)).values())
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 35.0)
-        optimizer.step()
-        schedule.step()
-        if step % 25 == 0:
-            model.eval()
-            with torch.no_grad():
-                best = max(best, center_distance_ap(postprocess(model(batch), batch), [t["boxes"] for t in targets],
-                                                    [t["labels"] for t in targets]))
-            if best >= 0.9:
-                break
+
+    def score(model):
+        return center_distance_ap(postprocess(model(batch), batch), [t["boxes"] for t in targets],
+                                  [t["labels"] for t in targets])
+
+    # a tenfold lr drop for the last half: the centres then settle within the 0.5 m threshold
+    best, step = overfit(model, criterion, batch, targets, score, lr, max_steps, max_steps // 2, weight_decay=0.01)
     assert best >= 0.9, f"{name}: mAP {best:.3f} after {step} steps"

@@ -188,3 +188,20 @@ def test_bf16_autocast_trains(tmp_path, native_bf16):
     assert t.model.activation_dtypes == {torch.bfloat16}  # the steps really ran under bf16 autocast
     t_off = _train(toy_config(tmp_path / "off", amp="off", max_epochs=1))
     assert t_off.model.activation_dtypes == {torch.float32}
+
+
+def test_cpu_features_and_demo_estimate(monkeypatch):
+    """The demo names the CPU's bf16 tier and scales its measured 2-core minutes to the usable cores."""
+    from bev3d.engine.demo import DEMO_MINUTES, cpu_summary
+    from bev3d.engine.runtime import cpu_features
+
+    features = cpu_features()
+    assert features["cores"] >= 1 and isinstance(features["isa"], str) and features["name"]
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    text, minutes = cpu_summary({**cpu_features(), "cores": 1})
+    assert "float32" in text and minutes == 2 * DEMO_MINUTES["float32"]
+    text, minutes = cpu_summary({"name": "x", "cores": 16, "isa": "AVX512", "avx512_bf16": True, "amx": True})
+    assert "AMX" in text and minutes == DEMO_MINUTES["AMX"]
+    text, _ = cpu_summary({"name": "x", "cores": 2, "isa": "AVX512", "avx512_bf16": True, "amx": False})
+    assert "AVX512-BF16" in text

@@ -11,7 +11,8 @@ def build_dataset(cfg, split):
     """Dataset + pipeline from `cfg.data` for split "train" | "val" or a split name of the config.
 
     The train pipeline (augmentation, range filter on `cfg.model.pc_range`) is used for "train" and
-    `cfg.data.train_split`; everything else gets the test pipeline.
+    `cfg.data.train_split`, seen per camera with `data.train_view: per_camera`; everything else gets the test
+    pipeline over whole rigs.
     """
     data = cfg.data
     train = split in ("train", data.train_split)
@@ -24,6 +25,10 @@ def build_dataset(cfg, split):
     native = tuple(int(v) for v in dataset.get_info(0)["image_hw"][0])
     dataset.pipeline = build_pipeline(data, train, pc_range=cfg.model.pc_range if train else None,
                                       native_size=native)
+    if train and data.train_view == "per_camera":
+        from bev3d.data.per_camera import PerCameraDataset
+
+        return PerCameraDataset(dataset)
     return dataset
 
 

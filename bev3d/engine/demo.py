@@ -7,6 +7,18 @@ from pathlib import Path
 from bev3d.config import load_config
 
 DEFAULT_ROOT = "data/synth"
+# `make demo` wall minutes with the shipped config on idle 2-core x86-64 machines, by what the CPU trains with
+# (docs/benchmarks.md#demo: float32 from this config's measured step time, the bf16 tiers scaled from earlier runs)
+DEMO_MINUTES = {"AMX": 7.5, "AVX512-BF16": 11.5, "float32": 12.5}
+
+
+def cpu_summary(features):
+    """The CPU line the demo starts with, and the minutes the demo is expected to take on it."""
+    tier = "AMX" if features["amx"] else "AVX512-BF16" if features["avx512_bf16"] else "float32"
+    bf16 = (f"bf16 on {tier}" if tier != "float32" else
+            "no AVX512-BF16 or AMX, so training runs in float32")
+    minutes = DEMO_MINUTES[tier] * 2 / max(1, min(features["cores"], 2))
+    return (f"{features['name']}, {features['cores']} cores usable, vector ISA {features['isa']}, {bf16}", minutes)
 
 
 def _pictures(root, version, token, results, out_dir):
@@ -27,7 +39,14 @@ def main(args):
     from bev3d.engine.train import train
     from bev3d.evaluation.nuscenes_eval import load_nuscenes, split_sample_tokens
 
+    from bev3d.engine.runtime import cpu_features
+
     start = time.perf_counter()
+    cpu, minutes = cpu_summary(cpu_features())
+    print(f"[demo] CPU: {cpu}", flush=True)
+    print(f"[demo] expected duration: about {minutes:.0f} min on an idle machine like this one (measured on 2-core "
+          f"CPUs; other jobs on the cores slow it down); the training's progress bar gives this machine's ETA",
+          flush=True)
     root = Path(args.data_root or DEFAULT_ROOT)
     cfg = load_config(args.cfg, [f"data.root={root}", f"work_dir={args.work_dir}"] + list(args.opts or []))
     stale = stale_rig_version(root)

@@ -1,6 +1,8 @@
 """What every engine loop needs: seeds and RNG state, moving a batch to the device, AMP autocast."""
 
 import contextlib
+import os
+import platform
 import random
 
 import numpy as np
@@ -44,10 +46,24 @@ def autocast(device, amp):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def cpu_features():
+    """{"name", "cores" (usable by this process), "isa" (torch's vector level), "avx512_bf16", "amx"}."""
+    name = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    probe = lambda n: bool(getattr(torch.cpu, n, lambda: False)())  # noqa: E731
+    return {"name": name, "cores": cores, "isa": torch.backends.cpu.get_cpu_capability(),
+            "avx512_bf16": probe("_is_avx512_bf16_supported"), "amx": probe("_is_amx_tile_supported")}
+
+
 def cpu_has_native_bf16():
     """AVX512-BF16 or AMX. Without them the CPU's bf16 kernels convert to float32 and run slower than it."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe() for probe in probes if probe is not None)
+    features = cpu_features()
+    return features["avx512_bf16"] or features["amx"]
 
 
 def resolve_amp(amp, device, warn=print):

@@ -156,10 +156,28 @@ class StreamPETRHeadConfig(HeadConfig):
     ray_bias: bool = False  # PETR's cross-attention prior from cell rays and query anchors (not official)
 
 
+@dataclass
+class MonoDETRHeadConfig(HeadConfig):
+    num_queries: int = 50  # per camera image
+    num_encoder_layers: int = 3
+    num_decoder_layers: int = 3
+    ffn_dims: int = 256
+    num_levels: int = 4  # neck levels: the depth predictor fuses the first three at the second's resolution
+    num_points: int = 4
+    with_box_refine: bool = True  # each layer's projected 3D centres are the next layer's reference points
+    depth_bins: int = 80  # linear-increasing depth bins of the depth map (+ one background bin)
+    depth_min: float = 1e-3
+    depth_max: float = 60.0
+    merge_distance: float = 1.0  # metres: cross-camera duplicates of a class closer than this in BEV are merged
+    attn_backend: str = field(default="auto", metadata={"choices": ("auto", "reference", "cpu", "cuda")})
+
+
 class Model(NamedTuple):
     config: type  # the HeadConfig subclass that `model.head` is read into
     module: str  # the module whose build(cfg) builds the model
-    boxes: str  # "2d" (normalised cxcywh) or "3d" (the 10-d box code): the core's box coder
+    # "2d" (normalised cxcywh), "3d" (the 10-d box code) or "mono" (per-camera boxes, lifted and merged per
+    # sample): the core's box coder
+    boxes: str
 
 
 MODELS = {
@@ -173,4 +191,5 @@ MODELS = {
     "petr": Model(PETRHeadConfig, "bev3d.models.heads.petr", "3d"),
     "detr3d": Model(DETR3DHeadConfig, "bev3d.models.heads.detr3d", "3d"),
     "streampetr": Model(StreamPETRHeadConfig, "bev3d.models.heads.streampetr", "3d"),
+    "monodetr": Model(MonoDETRHeadConfig, "bev3d.models.heads.monodetr", "mono"),
 }

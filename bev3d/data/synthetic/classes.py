@@ -45,7 +45,12 @@ ATTRIBUTES = ("vehicle.moving", "vehicle.stopped", "vehicle.parked", "cycle.with
 VISIBILITY = (("1", "v0-40"), ("2", "v40-60"), ("3", "v60-80"), ("4", "v80-100"))
 
 
+def hsv_bgr(hue, saturation, value):
+    """An OpenCV HSV colour (hue 0..179) as a float64 BGR triple."""
+    hsv = np.array([[[hue, saturation, value]]], dtype=np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0].astype(np.float64)
+
+
 def class_bgr(label, value=220):
     """The base BGR colour of class `label` (saturation 200); shading scales the value only."""
-    hsv = np.array([[[SPECS[CLASSES[label]].hue, 200, value]]], dtype=np.uint8)
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0].astype(np.float64)
+    return hsv_bgr(SPECS[CLASSES[label]].hue, 200, value)

@@ -10,6 +10,7 @@ import numpy as np
 
 from bev3d.constants import CLASSES
 from bev3d.data.synthetic.classes import SPECS
+from bev3d.data.synthetic.style import Style
 
 # Road layout, in the road frame (x along the ego's direction of travel, y to its left).
 # Each lane: lateral position, motion ("ego" lane speed, "same"/"oncoming" traffic, "ride" cyclists,
@@ -101,11 +102,12 @@ def _lane_speeds(rng, v_ego):
     }
 
 
-def _fill_lane(rng, lane, speed, x_lo, x_hi, anchors):
+def _fill_lane(rng, lane, speed, x_lo, x_hi, anchors, style):
     """Place objects along one lane from x_lo to x_hi (t = 0), keeping the anchors and the gaps."""
     y, motion, weights, (gap_lo, gap_hi) = lane
+    gap_lo, gap_hi = gap_lo / style.density, gap_hi / style.density
     names = list(weights)
-    p = np.array([weights[n] for n in names], dtype=np.float64)
+    p = np.array([weights[n] * style.class_mix[CLASSES.index(n)] for n in names], dtype=np.float64)
     p /= p.sum()
     if motion == "walk":
         speed = rng.choice([-1, 1]) * rng.uniform(0.9, 1.6)
@@ -128,9 +130,9 @@ def _fill_lane(rng, lane, speed, x_lo, x_hi, anchors):
     return tracks
 
 
-def make_scene(rng, duration):
-    """All tracks of one scene (road frame) and the ego speed."""
-    v_ego = rng.uniform(3.0, 7.0)
+def make_scene(rng, duration, style=Style()):
+    """All tracks of one scene (road frame) and the ego speed; the style sets speed range, density and mix."""
+    v_ego = rng.uniform(*style.ego_speed)
     speeds = _lane_speeds(rng, v_ego)
     # one anchor object of every class near the ego at t = 0, so even a short scene has all 10 classes
     anchors = {i: [] for i in range(len(LANES))}
@@ -153,7 +155,7 @@ def make_scene(rng, duration):
         # cover every x the lane's objects take while inside FILL_RADIUS of the ego during the scene
         drift = (v_ego - speed) * duration
         x_lo, x_hi = min(0.0, drift) - FILL_RADIUS, max(0.0, drift) + FILL_RADIUS
-        lane_tracks = _fill_lane(rng, lane, speed, x_lo, x_hi, anchors[i])
+        lane_tracks = _fill_lane(rng, lane, speed, x_lo, x_hi, anchors[i], style)
         if lane[1] == "walk":
             # walkers share the lane's speed, anchors stand: drop walkers that would pass through an anchor
             lane_tracks = [t for t in lane_tracks if t in anchors[i] or not any(

@@ -3,6 +3,7 @@
 from bev3d.errors import Bev3dError
 from bev3d.models.core.box_coder_2d import BoxCoder2D
 from bev3d.models.core.box_coder_3d import BoxCoder3D
+from bev3d.models.core.box_coder_mono import BoxCoderMono, MonoPostProcess, MonoSetCriterion, lid_edges
 from bev3d.models.core.criterion import SetCriterion
 from bev3d.models.core.denoising import QueryDenoising
 from bev3d.models.core.matcher import HungarianMatcher
@@ -14,6 +15,8 @@ def build_box_coder(cfg):
     m = cfg.model
     if MODELS[m.type].boxes == "3d":
         return BoxCoder3D(m.pc_range, m.loss.code_weights, m.post_center_range)
+    if MODELS[m.type].boxes == "mono":
+        return BoxCoderMono()
     return BoxCoder2D()
 
 
@@ -25,15 +28,25 @@ def class_mode(cfg):
 def build_criterion(cfg):
     m, loss = cfg.model, cfg.model.loss
     coder, mode = build_box_coder(cfg), class_mode(cfg)
-    matcher = HungarianMatcher(coder, m.matcher.cost_class, {"bbox": m.matcher.cost_bbox, "giou": m.matcher.cost_giou},
-                               mode, loss.focal_alpha, loss.focal_gamma)
+    costs = {"bbox": m.matcher.cost_bbox, "giou": m.matcher.cost_giou, "center": m.matcher.cost_center}
+    matcher = HungarianMatcher(coder, m.matcher.cost_class, costs, mode, loss.focal_alpha, loss.focal_gamma)
     weights = {"loss_cls": loss.cls_weight, "loss_bbox": loss.bbox_weight, "loss_giou": loss.giou_weight}
+    if MODELS[m.type].boxes == "mono":
+        w, h = loss.mono, m.head
+        weights.update(loss_center=w.center_weight, loss_depth=w.depth_weight, loss_dim=w.dim_weight,
+                       loss_angle=w.angle_weight, loss_depth_map=w.depth_map_weight)
+        return MonoSetCriterion(h.num_classes, matcher, coder, weights, mode, loss.focal_alpha, loss.focal_gamma,
+                                loss.no_object_weight, loss.aux_loss,
+                                depth_edges=lid_edges(h.depth_bins, h.depth_min, h.depth_max))
     return SetCriterion(m.head.num_classes, matcher, coder, weights, mode, loss.focal_alpha, loss.focal_gamma,
                         loss.no_object_weight, loss.aux_loss)
 
 
 def build_postprocess(cfg):
     m = cfg.model
+    if MODELS[m.type].boxes == "mono":
+        return MonoPostProcess(build_box_coder(cfg), class_mode(cfg), m.max_detections, m.score_threshold,
+                               m.head.merge_distance)
     return PostProcess(build_box_coder(cfg), class_mode(cfg), m.max_detections, m.score_threshold)
 
 

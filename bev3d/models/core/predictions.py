@@ -19,6 +19,7 @@ class SetPredictions:
     enc: two-stage proposals (L = 1), scored class-agnostically (class 0 is objectness) unless `enc_classes`.
     dn: the denoising queries' predictions, with the queries that say what they must predict.
     enc_classes: the proposals predict the classes (Efficient DETR's dense part) and are matched on them.
+    depth_map: a dense per-image depth prediction with a loss of its own (MonoDETR's foreground depth map).
     """
 
     logits: torch.Tensor
@@ -26,6 +27,7 @@ class SetPredictions:
     enc: Optional["SetPredictions"] = None
     dn: Optional["DenoisingPredictions"] = None
     enc_classes: bool = False
+    depth_map: Optional["DepthMapPredictions"] = None
 
 
 @dataclass
@@ -33,6 +35,12 @@ class DenoisingPredictions:
     logits: torch.Tensor  # (L, B, P, K)
     boxes: torch.Tensor  # (L, B, P, D)
     queries: DenoisingQueries
+
+
+@dataclass
+class DepthMapPredictions:
+    logits: torch.Tensor  # (B, D + 1, H, W): depth-bin logits of every feature cell, the last bin is background
+    valid_ratios: torch.Tensor  # (B, 2): the fractions of the map's width and height the unpadded image covers
 
 
 def split_denoising(logits, boxes, denoising):

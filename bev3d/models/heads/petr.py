@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from bev3d.errors import Bev3dError
-from bev3d.geometry import transform_points
+from bev3d.geometry import lid_depths, transform_points
 from bev3d.models import detector
 from bev3d.models.core.box_coder_3d import denormalize_points, normalize_points
 from bev3d.models.core.predictions import split_denoising
@@ -25,8 +25,7 @@ from bev3d.models.transformer.utils import inverse_sigmoid
 
 def depth_bins(depth_num, depth_start, depth_max):
     """(D,) linear-increasing depths: d_i = start + (max - start) * i (i + 1) / (D (D + 1))."""
-    i = torch.arange(depth_num, dtype=torch.float32)
-    return depth_start + (depth_max - depth_start) * i * (i + 1) / (depth_num * (depth_num + 1))
+    return lid_depths(torch.arange(depth_num, dtype=torch.float32), depth_num, depth_start, depth_max)
 
 
 # where in its cell a feature cell's pixel lies, in cells: the centre, or the top-left corner (the official PETR)
