@@ -57,9 +57,13 @@ def depth_map_target(boxes, edges, map_hw, valid_ratio):
     depth = boxes[:, DEPTH]
     bins = lid_index(depth, K, float(edges[0]), float(edges[-1])).floor().long()
     bins = torch.where((bins >= 0) & (bins < K), bins, torch.full_like(bins, K))
-    for n in depth.argsort(descending=True).tolist():  # far to near: nearer boxes overwrite
-        target[lo[n, 1]:hi[n, 1], lo[n, 0]:hi[n, 0]] = bins[n]
-    return target
+    x, y = torch.arange(W, device=boxes.device), torch.arange(H, device=boxes.device)
+    inside_x = (x >= lo[:, :1]) & (x < hi[:, :1])  # (T, W)
+    inside_y = (y >= lo[:, 1:]) & (y < hi[:, 1:])  # (T, H)
+    inside = inside_y[:, :, None] & inside_x[:, None, :]  # (T, H, W)
+    # every cell takes the bin of the nearest box that touches it
+    nearest = torch.where(inside, depth[:, None, None], torch.full_like(depth, math.inf)[:, None, None]).argmin(0)
+    return torch.where(inside.any(0), bins[nearest], target)
 
 
 class BoxCoderMono:
