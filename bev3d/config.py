@@ -64,7 +64,6 @@ class MonoLossConfig:
     depth_weight: float = 1.0  # Laplacian aleatoric-uncertainty depth loss
     dim_weight: float = 1.0  # L1 of the log sizes
     angle_weight: float = 1.0  # heading-bin cross-entropy + residual L1
-    depth_map_weight: float = 1.0  # focal loss of the dense depth-bin map
 
 
 @dataclass
@@ -78,6 +77,7 @@ class LossConfig:
     no_object_weight: float = 0.1
     code_weights: list[float] = field(default_factory=lambda: [1.0] * 8 + [0.2, 0.2])  # 3D: per box-code entry
     aux_loss: bool = True  # every decoder layer's predictions get the loss, not only the last layer's
+    depth_map_weight: float = 1.0  # focal loss of a dense depth-bin map (MonoDETR; PETR's depth_supervision)
     mono: MonoLossConfig = field(default_factory=MonoLossConfig)
 
 
@@ -212,6 +212,7 @@ MOVED_KEYS = {
     "model.head.denoising_groups": "has moved to model.denoising.groups",
     "model.head.denoising_noise": "has moved to model.denoising.box_noise",
     "data.crop_prob": "has moved to data.coco.crop_prob",
+    "model.loss.mono.depth_map_weight": "has moved to model.loss.depth_map_weight (PETR's depth map has it too)",
 }
 
 # ----------------------------------------------------------------------------- loading

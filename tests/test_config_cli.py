@@ -137,6 +137,8 @@ def test_moved_and_derived_keys_say_where_they_went(tmp_path):
         load_config("petr_tiny_synth", ["model.head.denoising_groups=3"])
     with pytest.raises(Bev3dError, match=r"model.head.aux_loss.*model.loss.aux_loss"):
         load_config("detr_tiny_shapes", ["model.head.aux_loss=false"])
+    with pytest.raises(Bev3dError, match=r"model.loss.mono.depth_map_weight.*model.loss.depth_map_weight"):
+        load_config("monodetr_tiny_synth", ["model.loss.mono.depth_map_weight=2"])
 
 
 def test_every_subcommand_has_help_with_example():

@@ -11,8 +11,8 @@ def build_dataset(cfg, split):
     """Dataset + pipeline from `cfg.data` for split "train" | "val" or a split name of the config.
 
     The train pipeline (augmentation, range filter on `cfg.model.pc_range`) is used for "train" and
-    `cfg.data.train_split`, seen per camera with `data.train_view: per_camera`; everything else gets the test
-    pipeline over whole rigs.
+    `cfg.data.train_split`, seen per camera with `data.train_view: per_camera` (with what each camera sees for
+    `model.head.depth_supervision`); everything else gets the test pipeline over whole rigs.
     """
     data = cfg.data
     train = split in ("train", data.train_split)
@@ -29,6 +29,10 @@ def build_dataset(cfg, split):
         from bev3d.data.per_camera import PerCameraDataset
 
         return PerCameraDataset(dataset)
+    if train and getattr(cfg.model.head, "depth_supervision", False):
+        from bev3d.data.per_camera import CameraBoxes
+
+        return CameraBoxes(dataset)
     return dataset
 
 

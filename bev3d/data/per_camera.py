@@ -3,6 +3,7 @@
 An item is the rig pipeline's sample with one camera (img (1, 3, H, W), lidar2img (1, 4, 4), intrinsics
 (1, 3, 3)) and the boxes that camera sees as mono boxes (`camera_targets`). Only training reads this view:
 inference runs all cameras of a sample in one batch and merges their detections (bev3d.models.core.box_coder_mono).
+`CameraBoxes` keeps whole rigs and adds what each camera sees, for a rig head's per-camera depth map.
 """
 
 import numpy as np
@@ -43,6 +44,32 @@ def camera_targets(boxes, lidar2img, intrinsics, img_hw):
     return rows, keep
 
 
+def item_camera_targets(item, cam):
+    """A pipeline item and a camera index -> camera_targets of the item's (augmented) boxes for that camera."""
+    return camera_targets(item["targets"]["boxes"].double().numpy(), item["lidar2img"][cam].double().numpy(),
+                          item["intrinsics"][cam].double().numpy(), item["img_shape"])
+
+
+class CameraBoxes(torch.utils.data.Dataset):
+    """A rig dataset whose items' targets also carry `camera_boxes`: per camera the (T_n, 11) float32 mono boxes
+    it sees (camera_targets), for the per-camera depth map of a rig head (model.head.depth_supervision)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def get_info(self, i):
+        return self.dataset.get_info(i)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        item["targets"]["camera_boxes"] = [torch.from_numpy(item_camera_targets(item, cam)[0].astype(np.float32))
+                                           for cam in range(len(item["lidar2img"]))]
+        return item
+
+
 class PerCameraDataset(torch.utils.data.Dataset):
     """Item i = camera i % N_cam of sample i // N_cam of a NuScenesDataset (with its pipeline): targets are
     {"labels" (T,), "boxes" (T, 11) mono boxes}, the boxes the camera sees after the pipeline's augmentation."""
@@ -60,9 +87,7 @@ class PerCameraDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         item = self.dataset.pipeline(self.get_info(i))
-        boxes = item["targets"]["boxes"].double().numpy()
-        rows, keep = camera_targets(boxes, item["lidar2img"][0].double().numpy(),
-                                    item["intrinsics"][0].double().numpy(), item["img_shape"])
+        rows, keep = item_camera_targets(item, 0)
         item["targets"] = {"labels": item["targets"]["labels"][torch.from_numpy(keep)],
                            "boxes": torch.from_numpy(rows.astype(np.float32))}
         return item

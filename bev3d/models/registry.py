@@ -118,6 +118,9 @@ class PETRHeadConfig(HeadConfig):
     # the official 2D part of the position embedding: a sine over (camera index, y, x), 384 channels, through
     # `adapt_pos3d` 384 -> 1024 -> 256; ties the head to the camera order (false: a per-camera 2D sine, order-free)
     with_multiview: bool = False
+    # an auxiliary depth-bin map of every camera, trained on the boxes' depths (model.loss.depth_map_weight; not
+    # official PETR; training only)
+    depth_supervision: bool = False
 
 
 @dataclass

@@ -42,10 +42,10 @@ def extent_xyxy(code):
 
 
 def depth_map_target(boxes, edges, map_hw, valid_ratio):
-    """Encoded targets (T, >= 7) of one image -> (H_f, W_f) int64 depth-bin targets of a depth map whose valid part
-    covers `valid_ratio` (w, h) of it: the cells a 2D box touches (floor / ceil of its edges in cells) get the
-    bin of its depth, the nearest box wins where boxes overlap; other cells and depths outside the bins get the
-    background bin K."""
+    """Mono boxes or their codes (T, >= 7) of one image -> (H_f, W_f) int64 depth-bin targets of a depth map whose
+    valid part covers `valid_ratio` (w, h) of it: the cells a 2D box touches (floor / ceil of its edges in cells)
+    get the bin of its depth, the nearest box wins where boxes overlap; other cells and depths outside the bins get
+    the background bin K."""
     H, W = map_hw
     K = len(edges) - 1
     target = torch.full((H, W), K, dtype=torch.int64, device=boxes.device)
@@ -128,31 +128,36 @@ class BoxCoderMono:
         return out.float(), torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
 
 
-class MonoSetCriterion(SetCriterion):
+class DepthMapCriterion(SetCriterion):
     """SetCriterion plus the dense depth-map term `loss_depth_map`: a softmax focal loss of the depth-bin logits
-    against depth_map_target, foreground cells weighted FOREGROUND_WEIGHT, averaged over the valid cells. Targets
-    are per camera image (the per-camera data view)."""
+    against depth_map_target, foreground cells weighted FOREGROUND_WEIGHT, averaged over the valid cells. A rig
+    head predicts a map per camera of every sample (sample-major), its targets carry the mono boxes each camera
+    sees (`camera_boxes`, bev3d.data.per_camera.CameraBoxes)."""
 
     def __init__(self, *args, depth_edges, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("depth_edges", torch.as_tensor(depth_edges, dtype=torch.float32), persistent=False)
 
     def forward(self, outputs, targets):
-        if len(targets) != outputs.logits.shape[1]:
-            raise Bev3dError(f"A monocular model predicts per camera image ({outputs.logits.shape[1]} in this batch) "
-                             f"but got targets of {len(targets)} samples: train it on the per-camera view "
-                             f"(data.train_view: per_camera).")
         losses = super().forward(outputs, targets)
         if outputs.depth_map is not None:
-            losses["loss_depth_map"] = self.depth_map_loss(outputs.depth_map, targets)
+            losses["loss_depth_map"] = self.depth_map_loss(outputs.depth_map, self.image_boxes(targets))
         return losses
 
-    def depth_map_loss(self, depth_map, targets):
+    def image_boxes(self, targets):
+        """The mono boxes (T_i, >= 7) of every image of the depth map, in its order."""
+        if any("camera_boxes" not in t for t in targets):
+            raise Bev3dError("The head predicts a depth map per camera (model.head.depth_supervision: true) but the "
+                             "targets carry no per-camera boxes: build the training set with "
+                             "bev3d.data.build_dataset(cfg, 'train'), which adds them.")
+        return [boxes for t in targets for boxes in t["camera_boxes"]]
+
+    def depth_map_loss(self, depth_map, image_boxes):
         logits = depth_map.logits.float()  # (B, K + 1, H, W)
         B, _, H, W = logits.shape
         edges = self.depth_edges.to(logits.device)
-        target = torch.stack([depth_map_target(self.coder.encode(t["boxes"].to(logits.device)), edges, (H, W), r)
-                              for t, r in zip(targets, depth_map.valid_ratios.tolist())])
+        target = torch.stack([depth_map_target(boxes.to(logits.device).float(), edges, (H, W), r)
+                              for boxes, r in zip(image_boxes, depth_map.valid_ratios.tolist())])
         log_p = F.log_softmax(logits, 1).gather(1, target[:, None])[:, 0]  # (B, H, W)
         loss = -self.focal_alpha * (1 - log_p.exp()) ** self.focal_gamma * log_p
         K = len(edges) - 1
@@ -161,6 +166,21 @@ class MonoSetCriterion(SetCriterion):
         valid = (torch.arange(W, device=logits.device)[None, None] < cells[:, None, None, 0].round()) & \
             (torch.arange(H, device=logits.device)[None, :, None] < cells[:, None, None, 1].round())
         return (loss * weight * valid).sum() / valid.sum().clamp(min=1)
+
+
+class MonoSetCriterion(DepthMapCriterion):
+    """The monocular criterion: targets are per camera image (the per-camera data view), their mono boxes are the
+    depth map's too."""
+
+    def forward(self, outputs, targets):
+        if len(targets) != outputs.logits.shape[1]:
+            raise Bev3dError(f"A monocular model predicts per camera image ({outputs.logits.shape[1]} in this batch) "
+                             f"but got targets of {len(targets)} samples: train it on the per-camera view "
+                             f"(data.train_view: per_camera).")
+        return super().forward(outputs, targets)
+
+    def image_boxes(self, targets):
+        return [t["boxes"] for t in targets]
 
 
 def merge_detections(scores, labels, boxes, distance):

@@ -3,7 +3,8 @@
 from bev3d.errors import Bev3dError
 from bev3d.models.core.box_coder_2d import BoxCoder2D
 from bev3d.models.core.box_coder_3d import BoxCoder3D
-from bev3d.models.core.box_coder_mono import BoxCoderMono, MonoPostProcess, MonoSetCriterion, lid_edges
+from bev3d.models.core.box_coder_mono import (BoxCoderMono, DepthMapCriterion, MonoPostProcess, MonoSetCriterion,
+                                              lid_edges)
 from bev3d.models.core.criterion import SetCriterion
 from bev3d.models.core.denoising import QueryDenoising
 from bev3d.models.core.matcher import HungarianMatcher
@@ -31,13 +32,20 @@ def build_criterion(cfg):
     costs = {"bbox": m.matcher.cost_bbox, "giou": m.matcher.cost_giou, "center": m.matcher.cost_center}
     matcher = HungarianMatcher(coder, m.matcher.cost_class, costs, mode, loss.focal_alpha, loss.focal_gamma)
     weights = {"loss_cls": loss.cls_weight, "loss_bbox": loss.bbox_weight, "loss_giou": loss.giou_weight}
+    h = m.head
     if MODELS[m.type].boxes == "mono":
-        w, h = loss.mono, m.head
+        w = loss.mono
         weights.update(loss_center=w.center_weight, loss_depth=w.depth_weight, loss_dim=w.dim_weight,
-                       loss_angle=w.angle_weight, loss_depth_map=w.depth_map_weight)
+                       loss_angle=w.angle_weight, loss_depth_map=loss.depth_map_weight)
         return MonoSetCriterion(h.num_classes, matcher, coder, weights, mode, loss.focal_alpha, loss.focal_gamma,
                                 loss.no_object_weight, loss.aux_loss,
                                 depth_edges=lid_edges(h.depth_bins, h.depth_min, h.depth_max))
+    if getattr(h, "depth_supervision", False):
+        # the map's bins are the head's own frustum depths (PETR's LID bins up to the position range)
+        weights["loss_depth_map"] = loss.depth_map_weight
+        return DepthMapCriterion(h.num_classes, matcher, coder, weights, mode, loss.focal_alpha, loss.focal_gamma,
+                                 loss.no_object_weight, loss.aux_loss,
+                                 depth_edges=lid_edges(h.depth_num, h.depth_start, h.position_range[3]))
     return SetCriterion(m.head.num_classes, matcher, coder, weights, mode, loss.focal_alpha, loss.focal_gamma,
                         loss.no_object_weight, loss.aux_loss)
 

@@ -14,7 +14,7 @@ from bev3d.errors import Bev3dError
 from bev3d.geometry import lid_depths, transform_points
 from bev3d.models import detector
 from bev3d.models.core.box_coder_3d import denormalize_points, normalize_points
-from bev3d.models.core.predictions import split_denoising
+from bev3d.models.core.predictions import DepthMapPredictions, split_denoising
 from bev3d.models.heads.common import PredictionBranches, sine_embed_points
 from bev3d.models.heads.ray_bias import LowRankBias, LowRankBiasAttention
 from bev3d.models.transformer.attention import MultiheadAttention
@@ -162,7 +162,8 @@ class PETRHead(nn.Module):
     def __init__(self, in_channels, num_classes, pc_range, num_queries=900, embed_dims=256, num_heads=8,
                  num_decoder_layers=6, ffn_dims=2048, dropout=0.1, in_level=0, depth_num=64, depth_start=1.0,
                  position_range=(-61.2, -61.2, -10.0, 61.2, 61.2, 10.0), with_2d_pe=True, query_content=False,
-                 ray_bias=False, with_box_refine=False, cell_point="centre", with_multiview=False):
+                 ray_bias=False, with_box_refine=False, cell_point="centre", with_multiview=False,
+                 depth_supervision=False):
         super().__init__()
         if cell_point not in CELL_OFFSETS:
             raise Bev3dError(f"model.head.cell_point must be one of {sorted(CELL_OFFSETS)}, got {cell_point!r}.")
@@ -199,6 +200,14 @@ class PETRHead(nn.Module):
         self.ray_bias_scale = None
         if ray_bias:
             self.ray_bias_scale = nn.Parameter(ray_bias_scales(num_heads))
+        # Optional (not in the official PETR): a depth-bin map of every camera over the frustum's own depth bins
+        # plus background, trained against the boxes' depths (core.box_coder_mono.DepthMapCriterion). The position
+        # embedding says where each depth of a cell's ray lies; this term makes the features say which depth holds
+        # an object, a signal per cell that a from-scratch model otherwise gets only through the set loss.
+        self.depth_head = None
+        if depth_supervision:
+            self.depth_head = nn.Sequential(nn.Conv2d(embed_dims, embed_dims, 3, padding=1), nn.ReLU(inplace=True),
+                                            nn.Conv2d(embed_dims, depth_num + 1, 1))
         self.query_embedding = nn.Sequential(
             nn.Linear(embed_dims * 3 // 2, embed_dims), nn.ReLU(inplace=True), nn.Linear(embed_dims, embed_dims))
         self.decoder = TransformerDecoder(num_decoder_layers, embed_dims, num_heads=num_heads, ffn_dims=ffn_dims,
@@ -232,6 +241,10 @@ class PETRHead(nn.Module):
         mask = padding_mask(img_shape, pad_shape, (H, W), self.cell_offset)[:, None].expand(B, N, H, W)
         mask = mask.reshape(B * N, H, W)
         memory = self.input_proj(x.flatten(0, 1))  # (B*N, C, H, W)
+        depth_map = None
+        if self.depth_head is not None and self.training:  # a training signal only: inference does not read it
+            valid = img_shape.flip(-1).float() / img_shape.new_tensor(pad_shape[::-1]).float()  # (B, 2) w, h
+            depth_map = DepthMapPredictions(self.depth_head(memory), valid.repeat_interleave(N, 0))
         pos = self.position_encoder(self.position_embedding(lidar2img, pad_shape, (H, W)))
         if self.sine_2d is not None:
             pos = pos + self.adapt_pos2d(self.sine_2d(mask))
@@ -265,7 +278,9 @@ class PETRHead(nn.Module):
             if self.with_box_refine:
                 # Gradients do not flow through the next layer's anchors (as in Deformable DETR and DETR3D).
                 reference = centres.detach()
-        return split_denoising(torch.stack(cls_out), torch.stack(box_out), denoising)
+        out = split_denoising(torch.stack(cls_out), torch.stack(box_out), denoising)
+        out.depth_map = depth_map
+        return out
 
 
 def check_in_level(cfg):
@@ -287,7 +302,8 @@ def build_head(cfg):
                     ffn_dims=h.ffn_dims, dropout=h.dropout, in_level=h.in_level, depth_num=h.depth_num,
                     depth_start=h.depth_start, position_range=h.position_range, with_2d_pe=h.with_2d_pe,
                     query_content=h.query_content, ray_bias=h.ray_bias, with_box_refine=h.with_box_refine,
-                    cell_point=h.cell_point, with_multiview=h.with_multiview)
+                    cell_point=h.cell_point, with_multiview=h.with_multiview,
+                    depth_supervision=h.depth_supervision)
 
 
 def build(cfg):
