@@ -60,9 +60,6 @@ class CameraBoxes(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def get_info(self, i):
-        return self.dataset.get_info(i)
-
     def __getitem__(self, i):
         item = self.dataset[i]
         item["targets"]["camera_boxes"] = [torch.from_numpy(item_camera_targets(item, cam)[0].astype(np.float32))
