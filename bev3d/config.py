@@ -78,6 +78,7 @@ class LossConfig:
     code_weights: list[float] = field(default_factory=lambda: [1.0] * 8 + [0.2, 0.2])  # 3D: per box-code entry
     aux_loss: bool = True  # every decoder layer's predictions get the loss, not only the last layer's
     depth_map_weight: float = 1.0  # focal loss of a dense depth-bin map (MonoDETR; PETR's depth_supervision)
+    heatmap_weight: float = 1.0  # focal loss of a dense class heatmap (PETR's heatmap_supervision)
     mono: MonoLossConfig = field(default_factory=MonoLossConfig)
 
 

@@ -71,8 +71,9 @@ def test_every_config_runs_forward_backward_and_postprocess(name, synth_root):
     terms = ("loss_cls", "loss_bbox") if is_3d else ("loss_cls", "loss_bbox", "loss_giou")
     if mono:
         terms = ("loss_cls", "loss_bbox", "loss_giou", "loss_center", "loss_depth", "loss_dim", "loss_angle")
-    depth_map = mono or getattr(h, "depth_supervision", False)
-    assert set(weighted) == {p + t for p in prefixes for t in terms} | ({"loss_depth_map"} if depth_map else set())
+    maps = {"loss_depth_map"} if mono or getattr(h, "depth_supervision", False) else set()
+    maps |= {"loss_heatmap"} if getattr(h, "heatmap_supervision", False) else set()
+    assert set(weighted) == {p + t for p in prefixes for t in terms} | maps
     assert set(losses) - set(weighted) == {"cardinality_error"}
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
     sum(weighted.values()).backward()

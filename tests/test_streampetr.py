@@ -361,8 +361,10 @@ def test_convert_accounts_for_every_official_key(synth_root):
     from bev3d.errors import Bev3dError
     from bev3d.models.convert import convert_state_dict, guess_families
 
+    # the official architecture: without bev3d's options (the depth-bin map has no official tensors)
     cfg = load_config("streampetr_tiny_synth", ["model.head.velocity_extrapolation=false",
-                                                "model.head.query_content=false", "model.head.ray_bias=false"])
+                                                "model.head.query_content=false", "model.head.ray_bias=false",
+                                                "model.head.depth_supervision=false"])
     source = official_state_dict(cfg)
     assert guess_families(source) == ["streampetr"]
     state = convert_state_dict(source, "streampetr", cfg)

@@ -12,7 +12,7 @@ def build_dataset(cfg, split):
 
     The train pipeline (augmentation, range filter on `cfg.model.pc_range`) is used for "train" and
     `cfg.data.train_split`, seen per camera with `data.train_view: per_camera` (with what each camera sees for
-    `model.head.depth_supervision`); everything else gets the test pipeline over whole rigs.
+    `model.head.depth_supervision` / `heatmap_supervision`); everything else gets the test pipeline over whole rigs.
     """
     data = cfg.data
     train = split in ("train", data.train_split)
@@ -29,7 +29,8 @@ def build_dataset(cfg, split):
         from bev3d.data.per_camera import PerCameraDataset
 
         return PerCameraDataset(dataset)
-    if train and getattr(cfg.model.head, "depth_supervision", False):
+    head = cfg.model.head
+    if train and (getattr(head, "depth_supervision", False) or getattr(head, "heatmap_supervision", False)):
         from bev3d.data.per_camera import CameraBoxes
 
         return CameraBoxes(dataset)

@@ -52,7 +52,8 @@ def item_camera_targets(item, cam):
 
 class CameraBoxes(torch.utils.data.Dataset):
     """A rig dataset whose items' targets also carry `camera_boxes`: per camera the (T_n, 11) float32 mono boxes
-    it sees (camera_targets), for the per-camera depth map of a rig head (model.head.depth_supervision)."""
+    it sees (camera_targets), and `camera_labels`, their (T_n,) labels, for the per-camera maps of a rig head
+    (model.head.depth_supervision, heatmap_supervision)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -60,10 +61,14 @@ class CameraBoxes(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
+    def get_info(self, i):  # the streaming sampler orders samples by their scene and time
+        return self.dataset.get_info(i)
+
     def __getitem__(self, i):
         item = self.dataset[i]
-        item["targets"]["camera_boxes"] = [torch.from_numpy(item_camera_targets(item, cam)[0].astype(np.float32))
-                                           for cam in range(len(item["lidar2img"]))]
+        seen = [item_camera_targets(item, cam) for cam in range(len(item["lidar2img"]))]
+        item["targets"]["camera_boxes"] = [torch.from_numpy(rows.astype(np.float32)) for rows, _ in seen]
+        item["targets"]["camera_labels"] = [item["targets"]["labels"][torch.from_numpy(keep)] for _, keep in seen]
         return item
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 from bev3d.config import load_config
 
 DEFAULT_ROOT = "data/synth"
-# `make demo` wall minutes with the shipped config on idle 2-core x86-64 machines, by what the CPU trains with
-# (docs/benchmarks.md#demo: float32 measured with this config, the bf16 tiers scaled from earlier runs)
-DEMO_MINUTES = {"AMX": 9.5, "AVX512-BF16": 14.5, "float32": 18.5}
+# `bev3d demo` wall minutes with the shipped config on idle 2-core x86-64 machines, by what the CPU trains with
+# (docs/benchmarks.md#demo: AVX512-BF16 measured with this config; float32 and AMX scaled from the measured runs of
+# the previous config by the training-time ratio of the two configs on AVX512-BF16)
+DEMO_MINUTES = {"AMX": 11.0, "AVX512-BF16": 11.5, "float32": 22.0}
 
 
 def cpu_summary(features):

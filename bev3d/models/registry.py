@@ -121,6 +121,9 @@ class PETRHeadConfig(HeadConfig):
     # an auxiliary depth-bin map of every camera, trained on the boxes' depths (model.loss.depth_map_weight; not
     # official PETR; training only)
     depth_supervision: bool = False
+    # an auxiliary class heatmap of the projected box centres of every camera (model.loss.heatmap_weight; not
+    # official PETR, a CenterNet-style stand-in for StreamPETR's 2D auxiliary head; training only)
+    heatmap_supervision: bool = False
 
 
 @dataclass
@@ -157,6 +160,9 @@ class StreamPETRHeadConfig(HeadConfig):
     # memory centres also move by their predicted velocity times the elapsed time (not official: ego motion only)
     velocity_extrapolation: bool = False
     ray_bias: bool = False  # PETR's cross-attention prior from cell rays and query anchors (not official)
+    depth_supervision: bool = False  # PETR's auxiliary per-camera depth-bin map (not official; training only)
+    # PETR's auxiliary per-camera class heatmap, in place of the official 2D auxiliary head (training only)
+    heatmap_supervision: bool = False
 
 
 @dataclass

@@ -66,6 +66,30 @@ def depth_map_target(boxes, edges, map_hw, valid_ratio):
     return torch.where(inside.any(0), bins[nearest], target)
 
 
+def heatmap_target(boxes, labels, num_classes, map_hw, valid_ratio):
+    """Mono boxes (T, >= 6) and labels (T,) of one image -> (K, H_f, W_f) float class heatmap of a map whose valid
+    part covers `valid_ratio` (w, h) of it: per box an elliptical Gaussian around its projected centre in its
+    class's channel, sigma one sixth of the 2D box along each axis (at least half a cell; TTFNet's shape), 1 at
+    the centre's cell; the maximum where boxes of a class overlap."""
+    H, W = map_hw
+    target = torch.zeros(num_classes, H, W, device=boxes.device)
+    if len(boxes) == 0:
+        return target
+    cells = boxes.new_tensor([W * float(valid_ratio[0]), H * float(valid_ratio[1])])
+    centre = boxes[:, CENTRE] * cells  # (T, 2) x, y in cells
+    size = (boxes[:, 2:4] + boxes[:, 4:6]) * cells  # (T, 2) l + r, t + b
+    sigma = (size / 6).clamp(min=0.5)
+    x = torch.arange(W, device=boxes.device) + 0.5
+    y = torch.arange(H, device=boxes.device) + 0.5
+    gx = torch.exp(-(x[None] - centre[:, :1]) ** 2 / (2 * sigma[:, :1] ** 2))  # (T, W)
+    gy = torch.exp(-(y[None] - centre[:, 1:]) ** 2 / (2 * sigma[:, 1:] ** 2))  # (T, H)
+    g = gy[:, :, None] * gx[:, None, :]  # (T, H, W)
+    ix = centre[:, 0].floor().long().clamp(0, W - 1)
+    iy = centre[:, 1].floor().long().clamp(0, H - 1)
+    g[torch.arange(len(g)), iy, ix] = 1.0
+    return target.scatter_reduce_(0, labels.long().view(-1, 1, 1).expand_as(g), g, "amax")
+
+
 class BoxCoderMono:
     """Matching costs: L1 of the 3D centre ("center"), L1 of the 2D extents l t r b ("bbox"), -GIoU of the 2D boxes
     ("giou"). Losses: those three, the Laplacian aleatoric-uncertainty depth loss, L1 of the log sizes, the heading
@@ -128,11 +152,21 @@ class BoxCoderMono:
         return out.float(), torch.ones(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
 
 
-class DepthMapCriterion(SetCriterion):
-    """SetCriterion plus the dense depth-map term `loss_depth_map`: a softmax focal loss of the depth-bin logits
-    against depth_map_target, foreground cells weighted FOREGROUND_WEIGHT, averaged over the valid cells. A rig
-    head predicts a map per camera of every sample (sample-major), its targets carry the mono boxes each camera
-    sees (`camera_boxes`, bev3d.data.per_camera.CameraBoxes)."""
+def valid_cells(valid_ratios, map_hw):
+    """(B, 2) fractions (w, h) of a map that the unpadded images cover -> (B, H, W) bool mask of those cells."""
+    H, W = map_hw
+    cells = valid_ratios.float() * valid_ratios.new_tensor([W, H]).float()  # (B, 2) valid cells along x, y
+    return (torch.arange(W, device=cells.device)[None, None] < cells[:, None, None, 0].round()) & \
+        (torch.arange(H, device=cells.device)[None, :, None] < cells[:, None, None, 1].round())
+
+
+class CameraMapCriterion(SetCriterion):
+    """SetCriterion plus the dense per-image terms of the maps a head predicts: `loss_depth_map`, a softmax focal
+    loss of the depth-bin logits against depth_map_target, foreground cells weighted FOREGROUND_WEIGHT, averaged
+    over the valid cells; `loss_heatmap`, CenterNet's penalty-reduced focal loss of the class heatmap against
+    heatmap_target, summed over the valid cells and divided by the number of box centres. A rig head predicts its
+    maps per camera of every sample (sample-major), its targets carry the mono boxes each camera sees and their
+    labels (`camera_boxes`, `camera_labels`: bev3d.data.per_camera.CameraBoxes)."""
 
     def __init__(self, *args, depth_edges, **kwargs):
         super().__init__(*args, **kwargs)
@@ -142,15 +176,22 @@ class DepthMapCriterion(SetCriterion):
         losses = super().forward(outputs, targets)
         if outputs.depth_map is not None:
             losses["loss_depth_map"] = self.depth_map_loss(outputs.depth_map, self.image_boxes(targets))
+        if outputs.heatmap is not None:
+            losses["loss_heatmap"] = self.heatmap_loss(outputs.heatmap, self.image_boxes(targets),
+                                                       self.image_labels(targets))
         return losses
 
     def image_boxes(self, targets):
-        """The mono boxes (T_i, >= 7) of every image of the depth map, in its order."""
+        """The mono boxes (T_i, >= 7) of every image of the maps, in their order."""
         if any("camera_boxes" not in t for t in targets):
-            raise Bev3dError("The head predicts a depth map per camera (model.head.depth_supervision: true) but the "
-                             "targets carry no per-camera boxes: build the training set with "
-                             "bev3d.data.build_dataset(cfg, 'train'), which adds them.")
+            raise Bev3dError("The head predicts maps per camera (model.head.depth_supervision or "
+                             "heatmap_supervision: true) but the targets carry no per-camera boxes: build the "
+                             "training set with bev3d.data.build_dataset(cfg, 'train'), which adds them.")
         return [boxes for t in targets for boxes in t["camera_boxes"]]
+
+    def image_labels(self, targets):
+        """The class labels (T_i,) of image_boxes."""
+        return [labels for t in targets for labels in t["camera_labels"]]
 
     def depth_map_loss(self, depth_map, image_boxes):
         logits = depth_map.logits.float()  # (B, K + 1, H, W)
@@ -162,13 +203,22 @@ class DepthMapCriterion(SetCriterion):
         loss = -self.focal_alpha * (1 - log_p.exp()) ** self.focal_gamma * log_p
         K = len(edges) - 1
         weight = torch.where(target < K, FOREGROUND_WEIGHT, BACKGROUND_WEIGHT)
-        cells = depth_map.valid_ratios * logits.new_tensor([W, H])  # (B, 2) valid cells along x, y
-        valid = (torch.arange(W, device=logits.device)[None, None] < cells[:, None, None, 0].round()) & \
-            (torch.arange(H, device=logits.device)[None, :, None] < cells[:, None, None, 1].round())
+        valid = valid_cells(depth_map.valid_ratios, (H, W))
         return (loss * weight * valid).sum() / valid.sum().clamp(min=1)
 
+    def heatmap_loss(self, heatmap, image_boxes, image_labels):
+        logits = heatmap.logits.float()  # (B, K, H, W)
+        B, K, H, W = logits.shape
+        target = torch.stack([heatmap_target(boxes.to(logits.device).float(), labels.to(logits.device), K, (H, W), r)
+                              for boxes, labels, r in zip(image_boxes, image_labels, heatmap.valid_ratios.tolist())])
+        peak = target == 1
+        loss = torch.where(peak, -(1 - logits.sigmoid()) ** 2 * F.logsigmoid(logits),
+                           -(1 - target) ** 4 * logits.sigmoid() ** 2 * F.logsigmoid(-logits))
+        valid = valid_cells(heatmap.valid_ratios, (H, W))[:, None]
+        return (loss * valid).sum() / (peak & valid).sum().clamp(min=1)
 
-class MonoSetCriterion(DepthMapCriterion):
+
+class MonoSetCriterion(CameraMapCriterion):
     """The monocular criterion: targets are per camera image (the per-camera data view), their mono boxes are the
     depth map's too."""
 

@@ -3,7 +3,7 @@
 from bev3d.errors import Bev3dError
 from bev3d.models.core.box_coder_2d import BoxCoder2D
 from bev3d.models.core.box_coder_3d import BoxCoder3D
-from bev3d.models.core.box_coder_mono import (BoxCoderMono, DepthMapCriterion, MonoPostProcess, MonoSetCriterion,
+from bev3d.models.core.box_coder_mono import (BoxCoderMono, CameraMapCriterion, MonoPostProcess, MonoSetCriterion,
                                               lid_edges)
 from bev3d.models.core.criterion import SetCriterion
 from bev3d.models.core.denoising import QueryDenoising
@@ -40,12 +40,12 @@ def build_criterion(cfg):
         return MonoSetCriterion(h.num_classes, matcher, coder, weights, mode, loss.focal_alpha, loss.focal_gamma,
                                 loss.no_object_weight, loss.aux_loss,
                                 depth_edges=lid_edges(h.depth_bins, h.depth_min, h.depth_max))
-    if getattr(h, "depth_supervision", False):
-        # the map's bins are the head's own frustum depths (PETR's LID bins up to the position range)
-        weights["loss_depth_map"] = loss.depth_map_weight
-        return DepthMapCriterion(h.num_classes, matcher, coder, weights, mode, loss.focal_alpha, loss.focal_gamma,
-                                 loss.no_object_weight, loss.aux_loss,
-                                 depth_edges=lid_edges(h.depth_num, h.depth_start, h.position_range[3]))
+    if getattr(h, "depth_supervision", False) or getattr(h, "heatmap_supervision", False):
+        # the depth map's bins are the head's own frustum depths (PETR's LID bins up to the position range)
+        weights.update(loss_depth_map=loss.depth_map_weight, loss_heatmap=loss.heatmap_weight)
+        return CameraMapCriterion(h.num_classes, matcher, coder, weights, mode, loss.focal_alpha, loss.focal_gamma,
+                                  loss.no_object_weight, loss.aux_loss,
+                                  depth_edges=lid_edges(h.depth_num, h.depth_start, h.position_range[3]))
     return SetCriterion(m.head.num_classes, matcher, coder, weights, mode, loss.focal_alpha, loss.focal_gamma,
                         loss.no_object_weight, loss.aux_loss)
 

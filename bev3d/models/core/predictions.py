@@ -19,7 +19,10 @@ class SetPredictions:
     enc: two-stage proposals (L = 1), scored class-agnostically (class 0 is objectness) unless `enc_classes`.
     dn: the denoising queries' predictions, with the queries that say what they must predict.
     enc_classes: the proposals predict the classes (Efficient DETR's dense part) and are matched on them.
-    depth_map: a dense per-image depth prediction with a loss of its own (MonoDETR's foreground depth map).
+    depth_map: a dense per-image depth prediction with a loss of its own (MonoDETR's foreground depth map, PETR's
+      depth_supervision).
+    heatmap: a dense per-image class heatmap of the projected box centres with a loss of its own (the rig heads'
+      heatmap_supervision).
     """
 
     logits: torch.Tensor
@@ -27,7 +30,8 @@ class SetPredictions:
     enc: Optional["SetPredictions"] = None
     dn: Optional["DenoisingPredictions"] = None
     enc_classes: bool = False
-    depth_map: Optional["DepthMapPredictions"] = None
+    depth_map: Optional["CameraMapPredictions"] = None
+    heatmap: Optional["CameraMapPredictions"] = None
 
 
 @dataclass
@@ -38,8 +42,9 @@ class DenoisingPredictions:
 
 
 @dataclass
-class DepthMapPredictions:
-    logits: torch.Tensor  # (B, D + 1, H, W): depth-bin logits of every feature cell, the last bin is background
+class CameraMapPredictions:
+    # (B, M, H, W) per feature cell: depth-bin logits (M = D + 1, the last bin is background) or class heatmap logits
+    logits: torch.Tensor
     valid_ratios: torch.Tensor  # (B, 2): the fractions of the map's width and height the unpadded image covers
 
 

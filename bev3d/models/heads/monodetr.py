@@ -16,7 +16,7 @@ import torch.nn as nn
 from bev3d.errors import Bev3dError
 from bev3d.models import detector
 from bev3d.models.core.box_coder_mono import NUM_BINS
-from bev3d.models.core.predictions import DepthMapPredictions, SetPredictions
+from bev3d.models.core.predictions import CameraMapPredictions, SetPredictions
 from bev3d.models.heads.monodetr_depth import DepthPredictor
 from bev3d.models.heads.petr import padding_mask
 from bev3d.models.transformer import MLP, DeformableDecoderLayer, DeformableEncoder, MSDeformAttn, \
@@ -130,7 +130,7 @@ class MonoDETRHead(nn.Module):
                 # the next layer samples around this layer's centres; no gradient through them (Deformable DETR)
                 reference = code[..., :2].detach()
         return SetPredictions(torch.stack(logits), torch.stack(codes),
-                              depth_map=DepthMapPredictions(depth_logits, valid_ratios[:, 1]))
+                              depth_map=CameraMapPredictions(depth_logits, valid_ratios[:, 1]))
 
 
 def build_head(cfg):

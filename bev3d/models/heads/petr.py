@@ -14,7 +14,7 @@ from bev3d.errors import Bev3dError
 from bev3d.geometry import lid_depths, transform_points
 from bev3d.models import detector
 from bev3d.models.core.box_coder_3d import denormalize_points, normalize_points
-from bev3d.models.core.predictions import DepthMapPredictions, split_denoising
+from bev3d.models.core.predictions import CameraMapPredictions, split_denoising
 from bev3d.models.heads.common import PredictionBranches, sine_embed_points
 from bev3d.models.heads.ray_bias import LowRankBias, LowRankBiasAttention
 from bev3d.models.transformer.attention import MultiheadAttention
@@ -27,6 +27,8 @@ def depth_bins(depth_num, depth_start, depth_max):
     """(D,) linear-increasing depths: d_i = start + (max - start) * i (i + 1) / (D (D + 1))."""
     return lid_depths(torch.arange(depth_num, dtype=torch.float32), depth_num, depth_start, depth_max)
 
+
+HEATMAP_PRIOR = 0.1  # CenterNet's initial heatmap output: the loss starts near a background map's
 
 # where in its cell a feature cell's pixel lies, in cells: the centre, or the top-left corner (the official PETR)
 CELL_OFFSETS = {"centre": 0.5, "corner": 0.0}
@@ -158,12 +160,34 @@ def ray_attention_bias(reference, centres, directions, log_scale, pc_range):
     return LowRankBias(query, key)
 
 
+class CameraMapHead(nn.Sequential):
+    """Optional (not in the official PETR): a dense map of every camera, trained on what the camera sees
+    (core.box_coder_mono.CameraMapCriterion) and read by nothing at inference. The depth-bin map (the frustum's
+    own depth bins plus background): the position embedding says where each depth of a cell's ray lies, this term
+    makes the features say which depth holds an object. The class heatmap of the projected box centres: which
+    cells hold the centre of an object of which class. Both are signals per cell that a from-scratch model
+    otherwise gets only through the set loss. `prior`: the initial sigmoid output of every cell (a heatmap's)."""
+
+    def __init__(self, in_channels, out_channels, prior=None):
+        super().__init__(nn.Conv2d(in_channels, in_channels, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(in_channels, out_channels, 1))
+        if prior is not None:
+            nn.init.constant_(self[2].bias, -math.log((1 - prior) / prior))
+
+    def predict(self, x, img_shape, pad_shape):
+        """x (B*N, C, H, W) features of B rigs of N cameras, img_shape (B, 2) valid (H, W) -> CameraMapPredictions
+        with logits (B*N, out_channels, H, W)."""
+        N = len(x) // len(img_shape)
+        valid = img_shape.flip(-1).float() / img_shape.new_tensor(pad_shape[::-1]).float()  # (B, 2) w, h
+        return CameraMapPredictions(self(x), valid.repeat_interleave(N, 0))
+
+
 class PETRHead(nn.Module):
     def __init__(self, in_channels, num_classes, pc_range, num_queries=900, embed_dims=256, num_heads=8,
                  num_decoder_layers=6, ffn_dims=2048, dropout=0.1, in_level=0, depth_num=64, depth_start=1.0,
                  position_range=(-61.2, -61.2, -10.0, 61.2, 61.2, 10.0), with_2d_pe=True, query_content=False,
                  ray_bias=False, with_box_refine=False, cell_point="centre", with_multiview=False,
-                 depth_supervision=False):
+                 depth_supervision=False, heatmap_supervision=False):
         super().__init__()
         if cell_point not in CELL_OFFSETS:
             raise Bev3dError(f"model.head.cell_point must be one of {sorted(CELL_OFFSETS)}, got {cell_point!r}.")
@@ -200,14 +224,7 @@ class PETRHead(nn.Module):
         self.ray_bias_scale = None
         if ray_bias:
             self.ray_bias_scale = nn.Parameter(ray_bias_scales(num_heads))
-        # Optional (not in the official PETR): a depth-bin map of every camera over the frustum's own depth bins
-        # plus background, trained against the boxes' depths (core.box_coder_mono.DepthMapCriterion). The position
-        # embedding says where each depth of a cell's ray lies; this term makes the features say which depth holds
-        # an object, a signal per cell that a from-scratch model otherwise gets only through the set loss.
-        self.depth_head = None
-        if depth_supervision:
-            self.depth_head = nn.Sequential(nn.Conv2d(embed_dims, embed_dims, 3, padding=1), nn.ReLU(inplace=True),
-                                            nn.Conv2d(embed_dims, depth_num + 1, 1))
+        self.depth_head = CameraMapHead(embed_dims, depth_num + 1) if depth_supervision else None
         self.query_embedding = nn.Sequential(
             nn.Linear(embed_dims * 3 // 2, embed_dims), nn.ReLU(inplace=True), nn.Linear(embed_dims, embed_dims))
         self.decoder = TransformerDecoder(num_decoder_layers, embed_dims, num_heads=num_heads, ffn_dims=ffn_dims,
@@ -218,6 +235,9 @@ class PETRHead(nn.Module):
         # the previous layer predicted, and has branches of its own.
         self.branches = PredictionBranches(embed_dims, num_classes, num_decoder_layers, pc_range,
                                            shared=not with_box_refine)
+        self.heatmap_head = None
+        if heatmap_supervision:
+            self.heatmap_head = CameraMapHead(embed_dims, num_classes, HEATMAP_PRIOR)
 
     def position_embedding(self, lidar2img, pad_shape, feat_hw):
         """lidar2img (B, N, 4, 4) -> (B*N, D*3, H, W) inverse-sigmoid frustum points in position_range."""
@@ -241,10 +261,12 @@ class PETRHead(nn.Module):
         mask = padding_mask(img_shape, pad_shape, (H, W), self.cell_offset)[:, None].expand(B, N, H, W)
         mask = mask.reshape(B * N, H, W)
         memory = self.input_proj(x.flatten(0, 1))  # (B*N, C, H, W)
-        depth_map = None
-        if self.depth_head is not None and self.training:  # a training signal only: inference does not read it
-            valid = img_shape.flip(-1).float() / img_shape.new_tensor(pad_shape[::-1]).float()  # (B, 2) w, h
-            depth_map = DepthMapPredictions(self.depth_head(memory), valid.repeat_interleave(N, 0))
+        # the per-camera maps are a training signal only: inference does not compute them
+        depth_map = heatmap = None
+        if self.depth_head is not None and self.training:
+            depth_map = self.depth_head.predict(memory, img_shape, pad_shape)
+        if self.heatmap_head is not None and self.training:
+            heatmap = self.heatmap_head.predict(memory, img_shape, pad_shape)
         pos = self.position_encoder(self.position_embedding(lidar2img, pad_shape, (H, W)))
         if self.sine_2d is not None:
             pos = pos + self.adapt_pos2d(self.sine_2d(mask))
@@ -279,7 +301,7 @@ class PETRHead(nn.Module):
                 # Gradients do not flow through the next layer's anchors (as in Deformable DETR and DETR3D).
                 reference = centres.detach()
         out = split_denoising(torch.stack(cls_out), torch.stack(box_out), denoising)
-        out.depth_map = depth_map
+        out.depth_map, out.heatmap = depth_map, heatmap
         return out
 
 
@@ -303,7 +325,7 @@ def build_head(cfg):
                     depth_start=h.depth_start, position_range=h.position_range, with_2d_pe=h.with_2d_pe,
                     query_content=h.query_content, ray_bias=h.ray_bias, with_box_refine=h.with_box_refine,
                     cell_point=h.cell_point, with_multiview=h.with_multiview,
-                    depth_supervision=h.depth_supervision)
+                    depth_supervision=h.depth_supervision, heatmap_supervision=h.heatmap_supervision)
 
 
 def build(cfg):

@@ -23,8 +23,9 @@ from bev3d.models.core.predictions import split_denoising
 from bev3d.models.heads.common import PredictionBranches, sine_embed_points
 from bev3d.models.heads.memory import (MLN, StreamMemory, TokenGate, align_memory, empty_memory, motion_code,
                                        push_memory, sine_embed_1d)
-from bev3d.models.heads.petr import (CELL_OFFSETS, camera_rays, check_in_level, depth_bins, frustum_points,
-                                     key_padding, padding_mask, ray_attention_bias, ray_bias_scales)
+from bev3d.models.heads.petr import (CELL_OFFSETS, HEATMAP_PRIOR, CameraMapHead, camera_rays, check_in_level,
+                                     depth_bins, frustum_points, key_padding, padding_mask, ray_attention_bias,
+                                     ray_bias_scales)
 from bev3d.models.heads.ray_bias import LowRankBiasAttention
 from bev3d.models.transformer.attention import MultiheadAttention
 from bev3d.models.transformer.detr_transformer import TransformerDecoderLayer
@@ -63,7 +64,8 @@ class StreamPETRHead(nn.Module):
                  num_decoder_layers=6, ffn_dims=2048, dropout=0.1, in_level=0, depth_num=64, depth_start=1.0,
                  position_range=(-61.2, -61.2, -10.0, 61.2, 61.2, 10.0), cell_point="centre", query_content=False,
                  memory_len=1024, topk_proposals=256, num_propagated=256, with_ego_pos=True,
-                 velocity_extrapolation=False, ray_bias=False):
+                 velocity_extrapolation=False, ray_bias=False, depth_supervision=False,
+                 heatmap_supervision=False):
         super().__init__()
         if not num_propagated <= memory_len or not topk_proposals <= num_queries + num_propagated:
             raise Bev3dError(f"model.head: num_propagated ({num_propagated}) must be <= memory_len ({memory_len}) and "
@@ -99,6 +101,10 @@ class StreamPETRHead(nn.Module):
                                        dropout=dropout, cross_attn=LowRankBiasAttention if ray_bias else
                                        MultiheadAttention)
         self.branches = PredictionBranches(C, num_classes, num_decoder_layers, pc_range, shared=True)
+        # PETR's optional per-camera depth-bin map and class heatmap on the image features (heads/petr.CameraMapHead,
+        # training only)
+        self.depth_head = CameraMapHead(in_channels, depth_num + 1) if depth_supervision else None
+        self.heatmap_head = CameraMapHead(in_channels, num_classes, HEATMAP_PRIOR) if heatmap_supervision else None
 
     def image_tokens(self, x, lidar2img, intrinsics, pad_shape):
         """x (B, N, C_in, H, W) -> tokens (B, N*H*W, C) and their position embedding (B, N*H*W, C)."""
@@ -199,6 +205,10 @@ class StreamPETRHead(nn.Module):
             cls_out.append(logits)
             box_out.append(boxes)
         outputs = split_denoising(torch.stack(cls_out), torch.stack(box_out), denoising)
+        if self.depth_head is not None and self.training:
+            outputs.depth_map = self.depth_head.predict(x.flatten(0, 1), img_shape, pad_shape)
+        if self.heatmap_head is not None and self.training:
+            outputs.heatmap = self.heatmap_head.predict(x.flatten(0, 1), img_shape, pad_shape)
         return outputs, self.remember(outputs, hidden, memory, time, frame2global)
 
     @torch.no_grad()
@@ -297,7 +307,8 @@ def build_head(cfg):
                           depth_start=h.depth_start, position_range=h.position_range, cell_point=h.cell_point,
                           query_content=h.query_content, memory_len=h.memory_len, topk_proposals=h.topk_proposals,
                           num_propagated=h.num_propagated, with_ego_pos=h.with_ego_pos,
-                          velocity_extrapolation=h.velocity_extrapolation, ray_bias=h.ray_bias)
+                          velocity_extrapolation=h.velocity_extrapolation, ray_bias=h.ray_bias,
+                          depth_supervision=h.depth_supervision, heatmap_supervision=h.heatmap_supervision)
 
 
 def build(cfg):
