@@ -29,8 +29,7 @@ def build_dataset(cfg, split):
         from bev3d.data.per_camera import PerCameraDataset
 
         return PerCameraDataset(dataset)
-    head = cfg.model.head
-    if train and (getattr(head, "depth_supervision", False) or getattr(head, "heatmap_supervision", False)):
+    if train and cfg.model.head.camera_maps():
         from bev3d.data.per_camera import CameraBoxes
 
         return CameraBoxes(dataset)

@@ -22,6 +22,11 @@ class HeadConfig:
     ffn_dims: int = 2048
     dropout: float = 0.1
 
+    def camera_maps(self):
+        """Whether the head predicts per-camera training maps (a rig head's depth_supervision / heatmap_supervision):
+        its training set then carries what each camera sees, its criterion the maps' losses."""
+        return getattr(self, "depth_supervision", False) or getattr(self, "heatmap_supervision", False)
+
 
 @dataclass
 class DETRHeadConfig(HeadConfig):

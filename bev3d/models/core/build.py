@@ -40,7 +40,7 @@ def build_criterion(cfg):
         return MonoSetCriterion(h.num_classes, matcher, coder, weights, mode, loss.focal_alpha, loss.focal_gamma,
                                 loss.no_object_weight, loss.aux_loss,
                                 depth_edges=lid_edges(h.depth_bins, h.depth_min, h.depth_max))
-    if getattr(h, "depth_supervision", False) or getattr(h, "heatmap_supervision", False):
+    if h.camera_maps():
         # the depth map's bins are the head's own frustum depths (PETR's LID bins up to the position range)
         weights.update(loss_depth_map=loss.depth_map_weight, loss_heatmap=loss.heatmap_weight)
         return CameraMapCriterion(h.num_classes, matcher, coder, weights, mode, loss.focal_alpha, loss.focal_gamma,
