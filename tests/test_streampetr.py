@@ -141,6 +141,40 @@ def test_export_hook_carries_the_memory_as_tensors(tiny):
         assert torch.equal(fresh.logits, model(frames[1]).logits)
 
 
+def test_petr_image_tokens_equal_petrs_head(tiny):
+    """image_tokens="petr" gives PETRHead's tokens and position embedding (its 1x1 convs as linear maps)."""
+    from bev3d.models.heads.petr import PETRHead, padding_mask
+    from bev3d.models.heads.streampetr import StreamPETRHead
+
+    _, _, dataset, scenes = tiny
+    batch = collate([dataset[scenes[0][0]]])
+    B, N, _, H_pad, W_pad = batch["img"].shape
+    H, W, C_in, C = H_pad // 16, W_pad // 16, 12, 32
+    torch.manual_seed(0)
+    petr = PETRHead(C_in, 10, [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0], num_queries=4, embed_dims=C, depth_num=8)
+    stream = StreamPETRHead(C_in, 10, [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0], num_queries=4, embed_dims=C,
+                            depth_num=8, memory_len=4, topk_proposals=2, num_propagated=2, image_tokens="petr")
+    with torch.no_grad():
+        for conv, linear in [(petr.input_proj, stream.input_proj),
+                             *zip(petr.position_encoder[::2], stream.position_encoder[::2]),
+                             *zip(petr.adapt_pos2d[::2], stream.adapt_pos2d[::2])]:
+            linear.weight.copy_(conv.weight[..., 0, 0])
+            linear.bias.copy_(conv.bias)
+        x = torch.randn(B, N, C_in, H, W)
+        img_shape = torch.as_tensor(batch["img_shape"]).view(-1, 2)
+        mask = padding_mask(img_shape, (H_pad, W_pad), (H, W))[:, None].expand(B, N, H, W)
+        tokens, pos = stream.image_tokens(x, batch["lidar2img"], batch["intrinsics"], (H_pad, W_pad), mask)
+        expected_pos = petr.position_encoder(petr.position_embedding(batch["lidar2img"], (H_pad, W_pad), (H, W)))
+        expected_pos = expected_pos + petr.adapt_pos2d(petr.sine_2d(mask.reshape(B * N, H, W)))
+        expected_tokens = petr.input_proj(x.flatten(0, 1))
+
+    def flat(t):  # (B*N, C, H, W) -> (B, N*H*W, C)
+        return t.view(B, N, C, H * W).transpose(2, 3).reshape(B, N * H * W, C)
+
+    torch.testing.assert_close(tokens, flat(expected_tokens), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pos, flat(expected_pos), rtol=1e-5, atol=1e-5)
+
+
 def test_scene_sequences_are_in_time_order(tiny):
     _, _, dataset, scenes = tiny
     assert sorted(i for s in scenes for i in s) == list(range(len(dataset)))
@@ -361,10 +395,12 @@ def test_convert_accounts_for_every_official_key(synth_root):
     from bev3d.errors import Bev3dError
     from bev3d.models.convert import convert_state_dict, guess_families
 
-    # the official architecture: without bev3d's options (the depth-bin map has no official tensors)
+    # the official architecture: without bev3d's options (the camera maps and PETR's tokens have no official tensors)
     cfg = load_config("streampetr_tiny_synth", ["model.head.velocity_extrapolation=false",
                                                 "model.head.query_content=false", "model.head.ray_bias=false",
-                                                "model.head.depth_supervision=false"])
+                                                "model.head.depth_supervision=false",
+                                                "model.head.heatmap_supervision=false",
+                                                "model.head.image_tokens=focal"])
     source = official_state_dict(cfg)
     assert guess_families(source) == ["streampetr"]
     state = convert_state_dict(source, "streampetr", cfg)

@@ -168,6 +168,9 @@ class StreamPETRHeadConfig(HeadConfig):
     depth_supervision: bool = False  # PETR's auxiliary per-camera depth-bin map (not official; training only)
     # PETR's auxiliary per-camera class heatmap, in place of the official 2D auxiliary head (training only)
     heatmap_supervision: bool = False
+    # the image tokens and their position embedding: Focal-PETR's (official: MLP tokens, camera-ray MLN, token-gated
+    # frustum embedding) or PETR's (linear tokens, frustum embedding + per-camera 2D sine; not official)
+    image_tokens: str = field(default="focal", metadata={"choices": ("focal", "petr")})
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from bev3d.errors import Bev3dError
 from bev3d.geometry import lid_depths, lid_index, lidar_yaw, ray_angle, transform_points
 from bev3d.models.box_ops import generalized_box_iou
-from bev3d.models.core.criterion import SetCriterion
+from bev3d.models.core.criterion import SetCriterion, mean_across_ranks
 from bev3d.models.core.postprocess import PostProcess
 
 NUM_BINS = 12
@@ -164,7 +164,8 @@ class CameraMapCriterion(SetCriterion):
     """SetCriterion plus the dense per-image terms of the maps a head predicts: `loss_depth_map`, a softmax focal
     loss of the depth-bin logits against depth_map_target, foreground cells weighted FOREGROUND_WEIGHT, averaged
     over the valid cells; `loss_heatmap`, CenterNet's penalty-reduced focal loss of the class heatmap against
-    heatmap_target, summed over the valid cells and divided by the number of box centres. A rig head predicts its
+    heatmap_target, summed over the valid cells and divided by the number of box centres (both counts averaged
+    over DDP ranks, as the boxes of the set losses are). A rig head predicts its
     maps per camera of every sample (sample-major), its targets carry the mono boxes each camera sees and their
     labels (`camera_boxes`, `camera_labels`: bev3d.data.per_camera.CameraBoxes)."""
 
@@ -204,7 +205,7 @@ class CameraMapCriterion(SetCriterion):
         K = len(edges) - 1
         weight = torch.where(target < K, FOREGROUND_WEIGHT, BACKGROUND_WEIGHT)
         valid = valid_cells(depth_map.valid_ratios, (H, W))
-        return (loss * weight * valid).sum() / valid.sum().clamp(min=1)
+        return (loss * weight * valid).sum() / mean_across_ranks(valid.sum().float())
 
     def heatmap_loss(self, heatmap, image_boxes, image_labels):
         logits = heatmap.logits.float()  # (B, K, H, W)
@@ -215,7 +216,7 @@ class CameraMapCriterion(SetCriterion):
         loss = torch.where(peak, -(1 - logits.sigmoid()) ** 2 * F.logsigmoid(logits),
                            -(1 - target) ** 4 * logits.sigmoid() ** 2 * F.logsigmoid(-logits))
         valid = valid_cells(heatmap.valid_ratios, (H, W))[:, None]
-        return (loss * valid).sum() / (peak & valid).sum().clamp(min=1)
+        return (loss * valid).sum() / mean_across_ranks((peak & valid).sum().float())
 
 
 class MonoSetCriterion(CameraMapCriterion):

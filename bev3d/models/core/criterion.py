@@ -25,14 +25,19 @@ def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, num_boxes=None):
     return loss if num_boxes is None else loss.sum() / num_boxes
 
 
-def num_boxes_across_ranks(labels, device):
-    """Number of targets in `labels` (a list of per-image tensors) averaged over DDP ranks, at least 1:
-    every rank divides by the same number, so gradients match single-process training."""
-    count = torch.tensor(float(sum(len(t) for t in labels)), device=device)
+def mean_across_ranks(count):
+    """A loss normaliser (a float tensor) averaged over DDP ranks, at least 1: every rank divides by the same
+    number, so gradients match single-process training."""
     if dist.is_available() and dist.is_initialized():
+        count = count.clone()
         dist.all_reduce(count)
         count = count / dist.get_world_size()
     return count.clamp(min=1.0)
+
+
+def num_boxes_across_ranks(labels, device):
+    """Number of targets in `labels` (a list of per-image tensors) averaged over DDP ranks, at least 1."""
+    return mean_across_ranks(torch.tensor(float(sum(len(t) for t in labels)), device=device))
 
 
 def loss_term(name):

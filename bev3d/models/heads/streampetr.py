@@ -4,8 +4,10 @@ Per frame the decoder runs the learned queries and the `num_propagated` newest m
 rest of the memory joins every layer's self-attention as extra keys and values (the temporal attention). The
 memory is moved into the current frame by the ego motion (bev3d.models.heads.memory), and motion-aware layer
 norms tell queries and memory their age, ego motion and velocity. After the decoder, the frame's top
-`topk_proposals` queries enter the memory. The image side is Focal-PETR's: an MLP on the tokens, an MLN on
-each token's camera ray, and the frustum position embedding of PETR gated by the token.
+`topk_proposals` queries enter the memory. The image side is Focal-PETR's (the official one): an MLP on the
+tokens, an MLN on each token's camera ray, and the frustum position embedding of PETR gated by the token; or, with
+`image_tokens="petr"`, PETR's own: a linear projection of the tokens, the frustum embedding plus a per-camera 2D
+sine.
 
 The model holds the memory between calls (`StreamingDetector.memory`, `reset_memory()`); `step` is the pure
 form `(batch, targets, memory, prev_exists) -> (SetPredictions, memory)`, `export_step` the same on named
@@ -29,6 +31,7 @@ from bev3d.models.heads.petr import (CELL_OFFSETS, HEATMAP_PRIOR, CameraMapHead,
 from bev3d.models.heads.ray_bias import LowRankBiasAttention
 from bev3d.models.transformer.attention import MultiheadAttention
 from bev3d.models.transformer.detr_transformer import TransformerDecoderLayer
+from bev3d.models.transformer.position_encoding import PositionEmbeddingSine
 from bev3d.models.transformer.utils import inverse_sigmoid
 
 MOTION_DIMS = 180  # motion_code of 15 numbers at 6 frequencies
@@ -65,8 +68,10 @@ class StreamPETRHead(nn.Module):
                  position_range=(-61.2, -61.2, -10.0, 61.2, 61.2, 10.0), cell_point="centre", query_content=False,
                  memory_len=1024, topk_proposals=256, num_propagated=256, with_ego_pos=True,
                  velocity_extrapolation=False, ray_bias=False, depth_supervision=False,
-                 heatmap_supervision=False):
+                 heatmap_supervision=False, image_tokens="focal"):
         super().__init__()
+        if image_tokens not in ("focal", "petr"):
+            raise Bev3dError(f"model.head.image_tokens must be 'focal' or 'petr', got {image_tokens!r}.")
         if not num_propagated <= memory_len or not topk_proposals <= num_queries + num_propagated:
             raise Bev3dError(f"model.head: num_propagated ({num_propagated}) must be <= memory_len ({memory_len}) and "
                              f"topk_proposals ({topk_proposals}) <= num_queries + num_propagated "
@@ -80,10 +85,19 @@ class StreamPETRHead(nn.Module):
         self.velocity_extrapolation = velocity_extrapolation
         self.cell_offset = CELL_OFFSETS[cell_point]
         self.register_buffer("depths", depth_bins(depth_num, depth_start, position_range[3]), persistent=False)
-        self.memory_embed = nn.Sequential(nn.Linear(in_channels, C), nn.ReLU(), nn.Linear(C, C))
+        # (built in this order so that the default's initial weights do not depend on the option)
+        self.focal_tokens = image_tokens == "focal"
+        if self.focal_tokens:
+            self.memory_embed = nn.Sequential(nn.Linear(in_channels, C), nn.ReLU(), nn.Linear(C, C))
+        else:  # PETRHead's layers, as linear maps on the flattened tokens
+            self.input_proj = nn.Linear(in_channels, C)
         self.position_encoder = nn.Sequential(nn.Linear(depth_num * 3, C * 4), nn.ReLU(), nn.Linear(C * 4, C))
-        self.spatial_alignment = MLN(CONE_DIMS, C)
-        self.featurized_pe = TokenGate(C)
+        if self.focal_tokens:
+            self.spatial_alignment = MLN(CONE_DIMS, C)
+            self.featurized_pe = TokenGate(C)
+        else:
+            self.sine_2d = PositionEmbeddingSine(C // 2, normalize=True)
+            self.adapt_pos2d = nn.Sequential(nn.Linear(C, C), nn.ReLU(), nn.Linear(C, C))
         self.reference_points = nn.Embedding(num_queries, 3)
         nn.init.uniform_(self.reference_points.weight, 0, 1)
         # where the propagated queries of a frame without a past start (fixed, as in the official code)
@@ -106,21 +120,27 @@ class StreamPETRHead(nn.Module):
         self.depth_head = CameraMapHead(in_channels, depth_num + 1) if depth_supervision else None
         self.heatmap_head = CameraMapHead(in_channels, num_classes, HEATMAP_PRIOR) if heatmap_supervision else None
 
-    def image_tokens(self, x, lidar2img, intrinsics, pad_shape):
-        """x (B, N, C_in, H, W) -> tokens (B, N*H*W, C) and their position embedding (B, N*H*W, C)."""
+    def image_tokens(self, x, lidar2img, intrinsics, pad_shape, mask):
+        """x (B, N, C_in, H, W), mask (B, N, H, W) True at padding -> tokens (B, N*H*W, C) and their position
+        embedding (B, N*H*W, C)."""
         B, N, _, H, W = x.shape
         D = self.depths.numel()
         tokens = x.permute(0, 1, 3, 4, 2).reshape(B, N * H * W, -1)
         with torch.autocast(x.device.type, enabled=False):
             points = frustum_points(lidar2img, pad_shape, (H, W), self.depths, self.position_range,
                                     self.cell_offset).view(B, N, H * W, D, 3)
-            focal = torch.stack([intrinsics[..., 0, 0], intrinsics[..., 1, 1]], -1).abs().float() / 1e3  # (B, N, 2)
-            near = max(D - CONE_NEAR_OFFSET, 0)
-            cone = torch.cat([focal[:, :, None].expand(-1, -1, H * W, -1), points[..., -1, :], points[..., near, :]],
-                             -1).view(B, N * H * W, CONE_DIMS)
+            if self.focal_tokens:
+                focal = torch.stack([intrinsics[..., 0, 0], intrinsics[..., 1, 1]], -1).abs().float() / 1e3
+                near = max(D - CONE_NEAR_OFFSET, 0)
+                cone = torch.cat([focal[:, :, None].expand(-1, -1, H * W, -1), points[..., -1, :],
+                                  points[..., near, :]], -1).view(B, N * H * W, CONE_DIMS)
             points = inverse_sigmoid(points).view(B, N * H * W, D * 3)
+        pos = self.position_encoder(points)
+        if not self.focal_tokens:
+            sine = self.sine_2d(mask.flatten(0, 1)).view(B, N, -1, H * W).transpose(2, 3).reshape(B, N * H * W, -1)
+            return self.input_proj(tokens), pos + self.adapt_pos2d(sine)
         tokens = self.spatial_alignment(self.memory_embed(tokens), cone)
-        return tokens, self.featurized_pe(self.position_encoder(points), tokens)
+        return tokens, self.featurized_pe(pos, tokens)
 
     def queries(self, B, denoising):
         """-> reference (B, P_dn + Q, 3) fractions of pc_range, content and query_pos (B, P_dn + Q, C)."""
@@ -171,7 +191,8 @@ class StreamPETRHead(nn.Module):
 
     def forward(self, feats, lidar2img, intrinsics, img_shape, pad_shape, time, frame2global, prev_exists,
                 memory=None, denoising=None):
-        """feats: list of (B, N, C_in, H_l, W_l); lidar2img (B, N, 4, 4); intrinsics (B, N, 3, 3); img_shape (B, 2);
+        """feats: list of (B, N, C_in, H_l, W_l); lidar2img (B, N, 4, 4); intrinsics (B, N, 3, 3) (None with PETR's
+        image tokens); img_shape (B, 2);
         time (B,) float64 seconds; frame2global (B, 4, 4) float64; prev_exists (B,) bool; memory: StreamMemory of
         the previous step or None -> (SetPredictions over the num_queries + num_propagated queries, StreamMemory)."""
         x = feats[self.in_level]
@@ -182,8 +203,8 @@ class StreamPETRHead(nn.Module):
         memory = align_memory(memory, time, frame2global, prev_exists, self.velocity_extrapolation)
         memory = self.pseudo_memory(memory, prev_exists)
 
-        tokens, pos = self.image_tokens(x, lidar2img, intrinsics, pad_shape)
         mask = padding_mask(img_shape, pad_shape, (H, W), self.cell_offset)[:, None].expand(B, N, H, W)
+        tokens, pos = self.image_tokens(x, lidar2img, intrinsics, pad_shape, mask)
         key_padding_mask = key_padding(mask, B)
         reference, content, query_pos = self.queries(B, denoising)
         reference, content, query_pos, temp, temp_pos = self.temporal_alignment(reference, content, query_pos, memory)
@@ -228,8 +249,12 @@ class StreamingDetector(detector.MultiViewDetector):
     """MultiViewDetector whose head carries a memory from call to call (see the module docstring)."""
 
     streaming = True
-    # bev3d.models.export: the batch entries the graph reads beyond img, lidar2img, img_shape
-    export_batch_keys = ("intrinsics", "timestamp", "frame2global")
+
+    @property
+    def export_batch_keys(self):
+        """bev3d.models.export: the batch entries the graph reads beyond img, lidar2img, img_shape (PETR's image
+        tokens read no intrinsics, and an ONNX graph has no unused inputs)."""
+        return (("intrinsics",) if self.head.focal_tokens else ()) + ("timestamp", "frame2global")
 
     def __init__(self, backbone, neck, head, denoising=None):
         super().__init__(backbone, neck, head, denoising)
@@ -252,7 +277,7 @@ class StreamingDetector(detector.MultiViewDetector):
             self.memory_tokens = list(state["tokens"])
 
     def forward(self, batch, targets=None):
-        for key in ("intrinsics", "timestamp", "frame2global", "prev_token"):
+        for key in self.export_batch_keys + ("prev_token",):
             if key not in batch:
                 raise Bev3dError(f"The StreamPETR batch needs {key!r} (bev3d.data.collate of the nuScenes pipeline "
                                  f"gives it): build the batch with bev3d.data.")
@@ -291,7 +316,8 @@ class StreamingDetector(detector.MultiViewDetector):
         if targets is not None and self.denoising is not None:
             denoising = self.denoising(targets, self.head.num_queries, img.device)
         img_shape = torch.as_tensor(batch["img_shape"], device=img.device).view(-1, 2)
-        outputs, memory = self.head(feats, batch["lidar2img"].to(img), batch["intrinsics"].to(img), img_shape,
+        intrinsics = batch["intrinsics"].to(img) if self.head.focal_tokens else None  # (see export_batch_keys)
+        outputs, memory = self.head(feats, batch["lidar2img"].to(img), intrinsics, img_shape,
                                     tuple(img.shape[-2:]), batch["timestamp"].to(img.device, torch.float64),
                                     batch["frame2global"].to(img.device, torch.float64), prev_exists, memory,
                                     denoising)
@@ -308,7 +334,8 @@ def build_head(cfg):
                           query_content=h.query_content, memory_len=h.memory_len, topk_proposals=h.topk_proposals,
                           num_propagated=h.num_propagated, with_ego_pos=h.with_ego_pos,
                           velocity_extrapolation=h.velocity_extrapolation, ray_bias=h.ray_bias,
-                          depth_supervision=h.depth_supervision, heatmap_supervision=h.heatmap_supervision)
+                          depth_supervision=h.depth_supervision, heatmap_supervision=h.heatmap_supervision,
+                          image_tokens=h.image_tokens)
 
 
 def build(cfg):
