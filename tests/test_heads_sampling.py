@@ -124,47 +124,6 @@ def test_petr_ray_bias_peaks_at_the_cell_that_sees_the_anchor():
     torch.testing.assert_close(bias[0, :, 0, key + 1].double(), scale * cos, rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("ranges", [1, 2])
-def test_petr_heatmap_proposals_lift_the_peaks_along_their_rays(ranges):
-    torch.manual_seed(3)
-    pc_range = [-51.2, -51.2, -5.0, 51.2, 51.2, 3.0]
-    head = PETRHead(8, 3, pc_range, num_queries=4, embed_dims=16, num_heads=2, num_decoder_layers=1, ffn_dims=16,
-                    depth_num=16, depth_supervision=True, heatmap_supervision=True, heatmap_queries=2 * ranges,
-                    heatmap_query_depths=ranges)
-    lidar2img = _rig()
-    H, W = PAD[0] // 16, PAD[1] // 16
-    heatmap = torch.full((2, 3, H, W), -5.0)
-    heatmap[1, 2, 2, 3] = 4.0  # the best peak: camera 1, class 2
-    heatmap[1, 0, 2, 4] = 3.0  # beside it: not a local maximum
-    heatmap[0, 1, 1, 1] = 2.0  # the second peak: camera 0
-    heatmap[0, 0, 3, 5] = 3.5  # higher, but in the padding
-    depth_map = torch.zeros(2, 17, H, W)
-    depth_map[1, 9, 2, 3] = depth_map[0, 4, 1, 1] = 60.0  # one-hot depth bins
-    mask = torch.zeros(2, H, W, dtype=torch.bool)
-    mask[:, :, 5:] = True
-    memory = torch.randn(1, 2 * H * W, 16)
-    reference, content = head.proposals(memory, heatmap, depth_map, mask, lidar2img, PAD)
-
-    lo, hi = np.array(pc_range[:3]), np.array(pc_range[3:])
-    middle = 1 + 60.2 * (np.arange(16) + 0.5) * (np.arange(16) + 1.5) / (16 * 17)  # LID index + 1/2, to 61.2 m
-    expected = []
-    for cam, row, col, b in ((1, 2, 3, 9), (0, 1, 1, 4)):
-        # with two ranges (bins 0-7, 8-15), the range without the one-hot bin is uniform: its bins' mean
-        depths = [middle[b]] if ranges == 1 else [middle[b], middle[8:].mean()] if b < 8 else [middle[:8].mean(),
-                                                                                             middle[b]]
-        for depth in depths:
-            point = _unproject(lidar2img[0, cam].double().numpy(), (col + 0.5) * 16, (row + 0.5) * 16, depth)
-            expected.append(np.clip((point - lo) / (hi - lo), 1e-3, 1 - 1e-3))  # anchors stay inside pc_range
-    torch.testing.assert_close(reference[0].double(), torch.tensor(np.stack(expected)), atol=1e-4, rtol=0)
-    tokens = head.proposals.content(memory[0, [(1 * H + 2) * W + 3, 1 * W + 1]]).repeat_interleave(ranges, 0)
-    if ranges > 1:
-        tokens = tokens + head.proposals.range_embed.weight.repeat(2, 1)
-    torch.testing.assert_close(content[0], tokens)
-    with pytest.raises(Exception, match="heatmap_supervision"):
-        PETRHead(8, 3, pc_range, num_queries=4, embed_dims=16, num_heads=2, num_decoder_layers=1, ffn_dims=16,
-                 depth_supervision=True, heatmap_queries=2)
-
-
 @pytest.mark.parametrize("refine", [False, True])
 def test_petr_refinement_anchors_each_layer_on_the_previous_centres(refine):
     torch.manual_seed(2)

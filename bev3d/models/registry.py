@@ -129,11 +129,6 @@ class PETRHeadConfig(HeadConfig):
     # an auxiliary class heatmap of the projected box centres of every camera (model.loss.heatmap_weight; not
     # official PETR, a CenterNet-style stand-in for StreamPETR's 2D auxiliary head; training only)
     heatmap_supervision: bool = False
-    # this many extra queries anchored on the class heatmap's top peaks over all cameras, lifted to 3D by the depth
-    # map (needs both maps; they then run at inference too; not official PETR)
-    heatmap_queries: int = 0
-    # anchors per peak: one at the depth map's expected depth in each of this many consecutive ranges of its bins
-    heatmap_query_depths: int = 1
 
 
 @dataclass
@@ -173,9 +168,6 @@ class StreamPETRHeadConfig(HeadConfig):
     depth_supervision: bool = False  # PETR's auxiliary per-camera depth-bin map (not official; training only)
     # PETR's auxiliary per-camera class heatmap, in place of the official 2D auxiliary head (training only)
     heatmap_supervision: bool = False
-    # PETR's extra queries on the heatmap's peaks, lifted by the depth map (not official)
-    heatmap_queries: int = 0
-    heatmap_query_depths: int = 1
     # the image tokens and their position embedding: Focal-PETR's (official: MLP tokens, camera-ray MLN, token-gated
     # frustum embedding) or PETR's (linear tokens, frustum embedding + per-camera 2D sine; not official)
     image_tokens: str = field(default="focal", metadata={"choices": ("focal", "petr")})

@@ -9,7 +9,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bev3d.errors import Bev3dError
 from bev3d.geometry import lid_depths, transform_points
@@ -89,24 +88,18 @@ def camera_rays(lidar2img, pad_shape, feat_hw, offset=0.5):
     return img2lidar[..., :3, 3], directions / directions.norm(dim=-1, keepdim=True)
 
 
-def lift_cells(lidar2img, pad_shape, feat_hw, depths, offset=0.5):
-    """lidar2img (B, N, 4, 4), depths (D,) for every cell or (B, N, H_f*W_f, D) per cell -> (B, N, H_f*W_f*D, 3)
-    float32 LiDAR points of every feature cell's pixel (cell_pixels) at its depths; cell-major, depth-minor."""
+def frustum_points(lidar2img, pad_shape, feat_hw, depths, position_range, offset=0.5):
+    """lidar2img (B, N, 4, 4) -> (B, N, H_f*W_f*D, 3) float32: every feature cell's pixel (cell_pixels) at every
+    depth of `depths` (D,), lifted to LiDAR and normalised to fractions of position_range; cell-major, depth-minor."""
     H, W = feat_hw
+    D = depths.numel()
     v, u = cell_pixels(feat_hw, pad_shape, lidar2img.device, offset)
-    vv, uu = torch.meshgrid(v, u, indexing="ij")
-    pixels = torch.stack([uu, vv, torch.ones_like(uu)], -1).view(1, 1, H * W, 1, 3)
-    depths = depths.view(1, 1, 1, -1) if depths.dim() == 1 else depths
-    frustum = (pixels * depths[..., None]).flatten(2, 3)  # image coords times depth
+    vv, uu, dd = torch.meshgrid(v, u, depths, indexing="ij")  # (H, W, D) each
+    frustum = torch.stack([uu * dd, vv * dd, dd], -1).view(1, 1, H * W * D, 3)  # image coords times depth
     img2lidar = image_to_lidar(lidar2img)
     with torch.autocast(lidar2img.device.type, enabled=False):  # geometry stays float32 under AMP
-        return transform_points(frustum.float(), img2lidar)
-
-
-def frustum_points(lidar2img, pad_shape, feat_hw, depths, position_range, offset=0.5):
-    """lidar2img (B, N, 4, 4) -> (B, N, H_f*W_f*D, 3) float32: lift_cells at the depths (D,), normalised to
-    fractions of position_range."""
-    return normalize_points(lift_cells(lidar2img, pad_shape, feat_hw, depths, offset), position_range)
+        points = transform_points(frustum.float(), img2lidar)  # (B, N, H*W*D, 3) LiDAR
+        return normalize_points(points, position_range)
 
 
 def padding_mask(img_shape, pad_shape, feat_hw, offset=0.5):
@@ -189,80 +182,17 @@ class CameraMapHead(nn.Sequential):
         return CameraMapPredictions(self(x), valid.repeat_interleave(N, 0))
 
 
-RANK_STEP = 1e4  # beyond any heatmap logit: HeatmapProposals ranks cells by kind, then by score
-
-
-class HeatmapProposals(nn.Module):
-    """Optional (not in the official PETR; two-stage Deformable DETR's idea on the camera maps): queries anchored
-    where the class heatmap peaks. The P / R best local maxima (3x3) of the heatmap's best class over all cameras'
-    valid cells are lifted along their cell's ray to the depth map's expected depth in each of R consecutive ranges
-    of its bins; each anchor's content is its peak's token (plus a learned embedding of the range when R > 1). A
-    from-scratch decoder then starts from where the dense maps, which learn faster than the set loss, see objects."""
-
-    def __init__(self, embed_dims, num_proposals, depth_ranges, depth_num, depth_start, depth_max, pc_range,
-                 cell_offset):
-        super().__init__()
-        if num_proposals % depth_ranges or depth_num % depth_ranges:
-            raise Bev3dError(f"model.head.heatmap_query_depths ({depth_ranges}) must divide "
-                             f"model.head.heatmap_queries ({num_proposals}) and model.head.depth_num ({depth_num}).")
-        self.num_proposals, self.depth_ranges = num_proposals, depth_ranges
-        self.pc_range, self.cell_offset = list(pc_range), cell_offset
-        self.register_buffer("bin_depths", lid_depths(torch.arange(depth_num) + 0.5, depth_num, depth_start,
-                                                      depth_max), persistent=False)
-        self.content = nn.Sequential(nn.Linear(embed_dims, embed_dims), nn.LayerNorm(embed_dims))
-        self.range_embed = nn.Embedding(depth_ranges, embed_dims) if depth_ranges > 1 else None
-
-    def forward(self, memory, heatmap, depth_map, mask, lidar2img, pad_shape):
-        """memory (B, N*H*W, C) tokens, heatmap (B*N, K, H, W) and depth_map (B*N, D + 1, H, W) logits, mask
-        (B*N, H, W) True at padding, lidar2img (B, N, 4, 4) -> reference (B, P, 3) fractions of pc_range and
-        content (B, P, C), peak-major."""
-        BN, _, H, W = heatmap.shape
-        B, N = lidar2img.shape[:2]
-        R = self.depth_ranges
-        P, D = self.num_proposals // R, self.bin_depths.numel()
-        # the anchors are not trained through: their maps have losses of their own (as two-stage DETRs detach)
-        with torch.no_grad(), torch.autocast(memory.device.type, enabled=False):
-            score = heatmap.float().amax(1, keepdim=True)  # (B*N, 1, H, W)
-            peak = score == F.max_pool2d(score, 3, stride=1, padding=1)
-            # peaks first, then the other valid cells, then padding, each by score: no ties where there are fewer
-            # peaks than proposals (an exported graph's TopK would break them its own way); float64 keeps the
-            # scores' differences beside the offsets
-            rank = score.double() - RANK_STEP * (~peak).double() - 2 * RANK_STEP * mask[:, None].double()
-            index = rank.view(B, N * H * W).topk(P, dim=1).indices  # (B, P) of the N*H*W cells
-            # each range's depth distribution on its own (the background bin left out): (B*N, R, D / R, H, W)
-            prob = depth_map[:, :-1].float().reshape(BN, R, D // R, H, W).softmax(2)
-            depth = (prob * self.bin_depths.view(1, R, -1, 1, 1)).sum(2)  # (B*N, R, H, W)
-            depth = depth.view(B, N, R, H * W).transpose(2, 3)  # (B, N, H*W, R)
-            points = lift_cells(lidar2img, pad_shape, (H, W), depth, self.cell_offset).view(B, N * H * W, R * 3)
-            points = points.gather(1, index[..., None].expand(-1, -1, R * 3)).view(B, P * R, 3)  # LiDAR
-            reference = normalize_points(points, self.pc_range).clamp(1e-3, 1 - 1e-3)
-        content = self.content(memory.gather(1, index[..., None].expand(-1, -1, memory.shape[-1])))
-        content = content.repeat_interleave(R, 1)  # (B, P * R, C)
-        if self.range_embed is not None:
-            content = content + self.range_embed.weight.repeat(P, 1)
-        return reference, content
-
-
-def check_heatmap_queries(heatmap_queries, depth_supervision, heatmap_supervision):
-    if heatmap_queries and not (depth_supervision and heatmap_supervision):
-        raise Bev3dError("model.head.heatmap_queries lifts the class heatmap's peaks to 3D with the depth map: set "
-                         "model.head.heatmap_supervision and model.head.depth_supervision to true, or "
-                         "heatmap_queries to 0.")
-
-
 class PETRHead(nn.Module):
     def __init__(self, in_channels, num_classes, pc_range, num_queries=900, embed_dims=256, num_heads=8,
                  num_decoder_layers=6, ffn_dims=2048, dropout=0.1, in_level=0, depth_num=64, depth_start=1.0,
                  position_range=(-61.2, -61.2, -10.0, 61.2, 61.2, 10.0), with_2d_pe=True, query_content=False,
                  ray_bias=False, with_box_refine=False, cell_point="centre", with_multiview=False,
-                 depth_supervision=False, heatmap_supervision=False, heatmap_queries=0, heatmap_query_depths=1):
+                 depth_supervision=False, heatmap_supervision=False):
         super().__init__()
         if cell_point not in CELL_OFFSETS:
             raise Bev3dError(f"model.head.cell_point must be one of {sorted(CELL_OFFSETS)}, got {cell_point!r}.")
-        check_heatmap_queries(heatmap_queries, depth_supervision, heatmap_supervision)
         self.in_level, self.pc_range, self.position_range = in_level, list(pc_range), list(position_range)
-        self.with_box_refine = with_box_refine
-        self.num_queries = num_queries + heatmap_queries  # what the decoder runs (and the denoising mask sees)
+        self.num_queries, self.with_box_refine = num_queries, with_box_refine
         self.cell_offset = CELL_OFFSETS[cell_point]
         self.register_buffer("depths", depth_bins(depth_num, depth_start, position_range[3]), persistent=False)
         self.input_proj = nn.Conv2d(in_channels, embed_dims, 1)
@@ -308,10 +238,6 @@ class PETRHead(nn.Module):
         self.heatmap_head = None
         if heatmap_supervision:
             self.heatmap_head = CameraMapHead(embed_dims, num_classes, HEATMAP_PRIOR)
-        self.proposals = None
-        if heatmap_queries:
-            self.proposals = HeatmapProposals(embed_dims, heatmap_queries, heatmap_query_depths, depth_num,
-                                              depth_start, position_range[3], pc_range, self.cell_offset)
 
     def position_embedding(self, lidar2img, pad_shape, feat_hw):
         """lidar2img (B, N, 4, 4) -> (B*N, D*3, H, W) inverse-sigmoid frustum points in position_range."""
@@ -335,12 +261,11 @@ class PETRHead(nn.Module):
         mask = padding_mask(img_shape, pad_shape, (H, W), self.cell_offset)[:, None].expand(B, N, H, W)
         mask = mask.reshape(B * N, H, W)
         memory = self.input_proj(x.flatten(0, 1))  # (B*N, C, H, W)
-        # the per-camera maps are a training signal only: inference computes them for the proposals alone
+        # the per-camera maps are a training signal only: inference does not compute them
         depth_map = heatmap = None
-        maps = self.training or self.proposals is not None
-        if self.depth_head is not None and maps:
+        if self.depth_head is not None and self.training:
             depth_map = self.depth_head.predict(memory, img_shape, pad_shape)
-        if self.heatmap_head is not None and maps:
+        if self.heatmap_head is not None and self.training:
             heatmap = self.heatmap_head.predict(memory, img_shape, pad_shape)
         pos = self.position_encoder(self.position_embedding(lidar2img, pad_shape, (H, W)))
         if self.sine_2d is not None:
@@ -356,9 +281,6 @@ class PETRHead(nn.Module):
             content = reference.new_zeros(*reference.shape[:2], C)
         else:
             content = self.query_content.weight[None].expand(B, -1, -1)  # (B, Q, C)
-        if self.proposals is not None:
-            proposals = self.proposals(memory, heatmap.logits, depth_map.logits, mask, lidar2img, pad_shape)
-            reference, content = (torch.cat(pair, 1) for pair in zip(proposals, (reference, content)))
         self_attn_mask = None
         if denoising is not None:
             reference = torch.cat([denoising.reference, reference], 1)  # (B, P + Q, 3)
@@ -379,8 +301,7 @@ class PETRHead(nn.Module):
                 # Gradients do not flow through the next layer's anchors (as in Deformable DETR and DETR3D).
                 reference = centres.detach()
         out = split_denoising(torch.stack(cls_out), torch.stack(box_out), denoising)
-        if self.training:
-            out.depth_map, out.heatmap = depth_map, heatmap
+        out.depth_map, out.heatmap = depth_map, heatmap
         return out
 
 
@@ -404,8 +325,7 @@ def build_head(cfg):
                     depth_start=h.depth_start, position_range=h.position_range, with_2d_pe=h.with_2d_pe,
                     query_content=h.query_content, ray_bias=h.ray_bias, with_box_refine=h.with_box_refine,
                     cell_point=h.cell_point, with_multiview=h.with_multiview,
-                    depth_supervision=h.depth_supervision, heatmap_supervision=h.heatmap_supervision,
-                    heatmap_queries=h.heatmap_queries, heatmap_query_depths=h.heatmap_query_depths)
+                    depth_supervision=h.depth_supervision, heatmap_supervision=h.heatmap_supervision)
 
 
 def build(cfg):

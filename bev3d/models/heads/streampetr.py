@@ -25,9 +25,9 @@ from bev3d.models.core.predictions import split_denoising
 from bev3d.models.heads.common import PredictionBranches, sine_embed_points
 from bev3d.models.heads.memory import (MLN, StreamMemory, TokenGate, align_memory, empty_memory, motion_code,
                                        push_memory, sine_embed_1d)
-from bev3d.models.heads.petr import (CELL_OFFSETS, HEATMAP_PRIOR, CameraMapHead, HeatmapProposals, camera_rays,
-                                     check_heatmap_queries, check_in_level, depth_bins, frustum_points, key_padding,
-                                     padding_mask, ray_attention_bias, ray_bias_scales)
+from bev3d.models.heads.petr import (CELL_OFFSETS, HEATMAP_PRIOR, CameraMapHead, camera_rays, check_in_level,
+                                     depth_bins, frustum_points, key_padding, padding_mask, ray_attention_bias,
+                                     ray_bias_scales)
 from bev3d.models.heads.ray_bias import LowRankBiasAttention
 from bev3d.models.transformer.attention import MultiheadAttention
 from bev3d.models.transformer.detr_transformer import TransformerDecoderLayer
@@ -68,9 +68,8 @@ class StreamPETRHead(nn.Module):
                  position_range=(-61.2, -61.2, -10.0, 61.2, 61.2, 10.0), cell_point="centre", query_content=False,
                  memory_len=1024, topk_proposals=256, num_propagated=256, with_ego_pos=True,
                  velocity_extrapolation=False, ray_bias=False, depth_supervision=False,
-                 heatmap_supervision=False, image_tokens="focal", heatmap_queries=0, heatmap_query_depths=1):
+                 heatmap_supervision=False, image_tokens="focal"):
         super().__init__()
-        check_heatmap_queries(heatmap_queries, depth_supervision, heatmap_supervision)
         if image_tokens not in ("focal", "petr"):
             raise Bev3dError(f"model.head.image_tokens must be 'focal' or 'petr', got {image_tokens!r}.")
         if not num_propagated <= memory_len or not topk_proposals <= num_queries + num_propagated:
@@ -80,8 +79,7 @@ class StreamPETRHead(nn.Module):
         C = embed_dims
         self.in_level, self.pc_range, self.position_range = in_level, list(pc_range), list(position_range)
         self.num_learned, self.num_propagated = num_queries, num_propagated
-        # what the decoder runs (and the denoising mask sees)
-        self.num_queries = heatmap_queries + num_queries + num_propagated
+        self.num_queries = num_queries + num_propagated  # what the decoder runs (and the denoising mask sees)
         self.memory_len, self.topk_proposals = memory_len, topk_proposals
         self.embed_dims, self.with_ego_pos = C, with_ego_pos
         self.velocity_extrapolation = velocity_extrapolation
@@ -121,11 +119,6 @@ class StreamPETRHead(nn.Module):
         # training only)
         self.depth_head = CameraMapHead(in_channels, depth_num + 1) if depth_supervision else None
         self.heatmap_head = CameraMapHead(in_channels, num_classes, HEATMAP_PRIOR) if heatmap_supervision else None
-        # PETR's optional queries on the heatmap's peaks (heads/petr.HeatmapProposals), in front of the learned ones
-        self.proposals = None
-        if heatmap_queries:
-            self.proposals = HeatmapProposals(C, heatmap_queries, heatmap_query_depths, depth_num, depth_start,
-                                              position_range[3], pc_range, self.cell_offset)
 
     def image_tokens(self, x, lidar2img, intrinsics, pad_shape, mask):
         """x (B, N, C_in, H, W), mask (B, N, H, W) True at padding -> tokens (B, N*H*W, C) and their position
@@ -149,17 +142,14 @@ class StreamPETRHead(nn.Module):
         tokens = self.spatial_alignment(self.memory_embed(tokens), cone)
         return tokens, self.featurized_pe(pos, tokens)
 
-    def queries(self, B, denoising, proposals=None):
-        """proposals: (reference, content) of the heatmap's peaks or None -> reference (B, P_dn + Q, 3) fractions of
-        pc_range, content and query_pos (B, P_dn + Q, C)."""
+    def queries(self, B, denoising):
+        """-> reference (B, P_dn + Q, 3) fractions of pc_range, content and query_pos (B, P_dn + Q, C)."""
         C = self.embed_dims
         reference = self.reference_points.weight[None].expand(B, -1, -1)
         if self.query_content is None:
             content = reference.new_zeros(B, self.num_learned, C)
         else:
             content = self.query_content.weight[None].expand(B, -1, -1)
-        if proposals is not None:
-            reference, content = (torch.cat(pair, 1) for pair in zip(proposals, (reference, content)))
         if denoising is not None:
             reference = torch.cat([denoising.reference, reference], 1)
             content = torch.cat([content.new_zeros(B, denoising.num_queries, C), content], 1)
@@ -216,17 +206,7 @@ class StreamPETRHead(nn.Module):
         mask = padding_mask(img_shape, pad_shape, (H, W), self.cell_offset)[:, None].expand(B, N, H, W)
         tokens, pos = self.image_tokens(x, lidar2img, intrinsics, pad_shape, mask)
         key_padding_mask = key_padding(mask, B)
-        # the per-camera maps are a training signal only: inference computes them for the proposals alone
-        depth_map = heatmap = proposals = None
-        maps = self.training or self.proposals is not None
-        if self.depth_head is not None and maps:
-            depth_map = self.depth_head.predict(x.flatten(0, 1), img_shape, pad_shape)
-        if self.heatmap_head is not None and maps:
-            heatmap = self.heatmap_head.predict(x.flatten(0, 1), img_shape, pad_shape)
-        if self.proposals is not None:
-            proposals = self.proposals(tokens, heatmap.logits, depth_map.logits, mask.flatten(0, 1), lidar2img,
-                                       pad_shape)
-        reference, content, query_pos = self.queries(B, denoising, proposals)
+        reference, content, query_pos = self.queries(B, denoising)
         reference, content, query_pos, temp, temp_pos = self.temporal_alignment(reference, content, query_pos, memory)
         self_attn_mask = None
         if denoising is not None:
@@ -246,8 +226,10 @@ class StreamPETRHead(nn.Module):
             cls_out.append(logits)
             box_out.append(boxes)
         outputs = split_denoising(torch.stack(cls_out), torch.stack(box_out), denoising)
-        if self.training:
-            outputs.depth_map, outputs.heatmap = depth_map, heatmap
+        if self.depth_head is not None and self.training:
+            outputs.depth_map = self.depth_head.predict(x.flatten(0, 1), img_shape, pad_shape)
+        if self.heatmap_head is not None and self.training:
+            outputs.heatmap = self.heatmap_head.predict(x.flatten(0, 1), img_shape, pad_shape)
         return outputs, self.remember(outputs, hidden, memory, time, frame2global)
 
     @torch.no_grad()
@@ -353,8 +335,7 @@ def build_head(cfg):
                           num_propagated=h.num_propagated, with_ego_pos=h.with_ego_pos,
                           velocity_extrapolation=h.velocity_extrapolation, ray_bias=h.ray_bias,
                           depth_supervision=h.depth_supervision, heatmap_supervision=h.heatmap_supervision,
-                          image_tokens=h.image_tokens, heatmap_queries=h.heatmap_queries,
-                          heatmap_query_depths=h.heatmap_query_depths)
+                          image_tokens=h.image_tokens)
 
 
 def build(cfg):
