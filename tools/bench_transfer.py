@@ -50,7 +50,10 @@ def main():
     for name in args.sets:
         root = (args.train_root or load_config(cfg_path).data.root) if name == "train_rig" else eval_set(
             args.data_dir, name)
-        cfg = load_config(cfg_path, [f"data.root={root}", "data.num_workers=0"])
+        # the held-out sets are v1.0-mini, whatever format the training rig has
+        split = [] if name == "train_rig" else ["data.version=v1.0-mini", "data.train_split=mini_train",
+                                               "data.val_split=mini_val"]
+        cfg = load_config(cfg_path, [f"data.root={root}", "data.num_workers=0", *split])
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             metrics, _ = evaluate_checkpoint(cfg, work_dir / "latest.pth", work_dir / f"transfer_{name}")
