@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bev3d.config import load_config
 from bev3d.data.synthetic import write_synthetic_nuscenes
+from bev3d.data.synthetic.writer import VERSION as RIG_VERSION_DIR
 from bev3d.engine.runtime import cpu_features
 from bev3d.engine.test import evaluate_checkpoint
 
@@ -29,7 +30,7 @@ KEYS = ("mAP", "NDS", "mATE", "mASE", "mAOE", "mAVE", "mAAE")
 
 def eval_set(data_dir, name):
     root = Path(data_dir) / f"synth_{name}"
-    if not (root / "v1.0-mini" / "sample.json").is_file():
+    if not (root / RIG_VERSION_DIR / "sample.json").is_file():
         write_synthetic_nuscenes(root, train_scenes=0, **EVAL_SETS[name])
     return root
 
@@ -50,8 +51,8 @@ def main():
     for name in args.sets:
         root = (args.train_root or load_config(cfg_path).data.root) if name == "train_rig" else eval_set(
             args.data_dir, name)
-        # the held-out sets are v1.0-mini, whatever format the training rig has
-        split = [] if name == "train_rig" else ["data.version=v1.0-mini", "data.train_split=mini_train",
+        # the held-out sets are in the rig's format, whatever format the training config names
+        split = [] if name == "train_rig" else [f"data.version={RIG_VERSION_DIR}", "data.train_split=mini_train",
                                                "data.val_split=mini_val"]
         cfg = load_config(cfg_path, [f"data.root={root}", "data.num_workers=0", *split])
         start = time.perf_counter()
