@@ -122,11 +122,24 @@ def _count_gt(nusc, split_tokens):
                for t in split_tokens for a in nusc.get("sample", t)["anns"])
 
 
-def _evaluator_without_boxes(nusc, config, results_path, split, out_dir):
-    """The devkit's DetectionEval, set up as its __init__ does but without filtering a side that holds no
-    box (its filter cannot tell the box type of an empty set); its evaluate() then scores AP 0, errors 1."""
+def load_eval_boxes(nusc, config, results_path, split):
+    """(predictions, meta, ground truth) as the devkit's DetectionEval.__init__ loads them (EvalBoxes of
+    DetectionBox with their ego distances, filtered by class range, LiDAR points and bike racks), except that a
+    side holding no box is not filtered (the devkit's filter cannot tell the box type of an empty set)."""
     from nuscenes.eval.common.loaders import add_center_dist, filter_eval_boxes, load_gt, load_prediction
     from nuscenes.eval.detection.data_classes import DetectionBox
+
+    pred, meta = load_prediction(str(results_path), config.max_boxes_per_sample, DetectionBox)
+    sides = []
+    for boxes in (pred, load_gt(nusc, split, DetectionBox)):
+        boxes = add_center_dist(nusc, boxes)
+        sides.append(filter_eval_boxes(nusc, boxes, config.class_range) if boxes.all else boxes)
+    return sides[0], meta, sides[1]
+
+
+def _evaluator_without_boxes(nusc, config, results_path, split, out_dir):
+    """The devkit's DetectionEval, set up as its __init__ does but without filtering a side that holds no
+    box; its evaluate() then scores AP 0, errors 1."""
     from nuscenes.eval.detection.evaluate import DetectionEval
 
     ev = DetectionEval.__new__(DetectionEval)
@@ -134,13 +147,7 @@ def _evaluator_without_boxes(nusc, config, results_path, split, out_dir):
     ev.output_dir = str(out_dir)
     ev.plot_dir = os.path.join(ev.output_dir, "plots")
     os.makedirs(ev.plot_dir, exist_ok=True)
-    ev.pred_boxes, ev.meta = load_prediction(str(results_path), config.max_boxes_per_sample, DetectionBox)
-    ev.gt_boxes = load_gt(nusc, split, DetectionBox)
-    for side in ("pred_boxes", "gt_boxes"):
-        boxes = add_center_dist(nusc, getattr(ev, side))
-        if boxes.all:
-            boxes = filter_eval_boxes(nusc, boxes, config.class_range)
-        setattr(ev, side, boxes)
+    ev.pred_boxes, ev.meta, ev.gt_boxes = load_eval_boxes(nusc, config, results_path, split)
     ev.sample_tokens = ev.gt_boxes.sample_tokens
     return ev
 
