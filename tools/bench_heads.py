@@ -19,6 +19,7 @@ import torch
 
 from bev3d.config import load_config
 from bev3d.constants import CAMERAS
+from bev3d.data.per_camera import camera_targets
 from bev3d.data.synthetic import RIG, scaled_intrinsics
 from bev3d.geometry import intrinsics_4x4, transform_matrix
 from bev3d.models import build_criterion, build_model
@@ -40,10 +41,17 @@ def random_batch(cfg, batch_size, device, seed=0):
     Hp, Wp = -(-H // div) * div, -(-W // div) * div
     boxes = [torch.cat([torch.rand(10, 2, generator=g) * 60 - 30, torch.zeros(10, 1), torch.ones(10, 3) * 2,
                         torch.zeros(10, 3)], 1).to(device) for _ in range(batch_size)]
+    lidar2img = rig_lidar2img(H, W)
+    targets = [{"boxes": b, "labels": torch.arange(10, device=device)} for b in boxes]
+    if cfg.model.head.camera_maps():  # what each camera sees, as the training set's CameraBoxes adds it
+        for t in targets:
+            seen = [camera_targets(t["boxes"].double().cpu().numpy(), lidar2img[n].double().numpy(),
+                                   scaled_intrinsics(cam, (W, H)), (H, W)) for n, cam in enumerate(CAMERAS)]
+            t["camera_boxes"] = [torch.from_numpy(rows).float().to(device) for rows, _ in seen]
+            t["camera_labels"] = [t["labels"][torch.from_numpy(keep).to(device)] for _, keep in seen]
     return {"img": torch.randn(batch_size, len(CAMERAS), 3, Hp, Wp, generator=g).to(device),
-            "lidar2img": rig_lidar2img(H, W)[None].repeat(batch_size, 1, 1, 1).to(device),
-            "img_shape": [(H, W)] * batch_size, "pad_shape": (Hp, Wp),
-            "targets": [{"boxes": b, "labels": torch.arange(10, device=device)} for b in boxes]}
+            "lidar2img": lidar2img[None].repeat(batch_size, 1, 1, 1).to(device),
+            "img_shape": [(H, W)] * batch_size, "pad_shape": (Hp, Wp), "targets": targets}
 
 
 def _sync(device):
