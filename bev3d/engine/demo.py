@@ -8,9 +8,9 @@ from bev3d.config import load_config
 
 DEFAULT_ROOT = "data/synth"
 # `bev3d demo` wall minutes with the shipped config on idle 2-core x86-64 machines, by what the CPU trains with
-# (docs/benchmarks.md#demo: AVX512-BF16 measured with this config; float32 and AMX scaled from the measured runs of
-# the previous config by the training-time ratio of the two configs on AVX512-BF16)
-DEMO_MINUTES = {"AMX": 11.0, "AVX512-BF16": 11.5, "float32": 22.0}
+# (docs/benchmarks.md#demo: AVX512-BF16 and float32 (AVX2) measured with this config; AMX scaled from the measured
+# runs of the previous config by the training-time ratio of the two configs on AVX512-BF16)
+DEMO_MINUTES = {"AMX": 11.0, "AVX512-BF16": 11.5, "float32": 15.0}
 
 
 def cpu_summary(features):
