@@ -1,11 +1,12 @@
 """Where a detector's centre error is: per class, the BEV offset of each matched detection from its box split
 into the part along the line of sight from the ego (radial; + means placed too far) and the part across it, with
-the radial error also by range and by the box's heading against the line of sight (along: a car seen from behind
-or ahead, across: seen from the side).
+the radial error also by range and by the box's heading against the line of sight (end-on: a car seen from behind
+or ahead; side-on: seen from the side).
 
 Ground truth and detections are loaded and filtered as the devkit's DetectionEval loads them; detections are
 matched as its true positives are (highest score first, the nearest unmatched box of the class in the sample within
---max-dist, the devkit's 2 m for the TP errors), so the mean of |offset| over a class is its mATE's centre part.
+--max-dist, the devkit's 2 m for the TP errors), so the offsets are those whose length the devkit's mATE averages
+(over the recall range, where this tool takes every match).
 
     python tools/error_breakdown.py --results W/test/results_nusc.json --data-root data/synth \
         --version v1.0-mini --split mini_val --out errors.json
