@@ -16,7 +16,6 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-from scipy.optimize import linear_sum_assignment
 
 from bev3d.cli import main as cli
 from bev3d.config import load_config
@@ -24,6 +23,7 @@ from bev3d.engine.test import load_weights
 from bev3d.errors import Bev3dError
 from bev3d.models import build_model
 from bev3d.models.convert import convert_file
+from query_sets import assert_same_queries
 
 transformers = pytest.importorskip("transformers", reason="the dev extra installs transformers (the reference)")
 
@@ -171,15 +171,6 @@ def assert_clear_topk(ref, k):
             assert padded[(scores - scores[kth]).abs() < 1e-4].all()
         else:
             assert scores[kth] - scores[after] > 1e-4
-
-
-def assert_same_queries(logits, boxes, ref_logits, ref_boxes):
-    """Two-stage queries come in the rank order of their proposals, and two proposals whose scores differ by less
-    than rounding may swap ranks between the implementations: rows are paired by a minimum-cost assignment (a
-    permutation; scipy), then compared as they are."""
-    for o, r in zip(torch.cat([logits, boxes], -1), torch.cat([ref_logits, ref_boxes], -1)):
-        _, cols = linear_sum_assignment(torch.cdist(r.double(), o.double()).numpy())
-        torch.testing.assert_close(o[torch.as_tensor(cols)], r, **TOL)
 
 
 def converted(tmp_path, hf_model, family, cfg_name, opts, extra=None):
