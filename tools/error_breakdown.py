@@ -33,20 +33,19 @@ ALONG, ACROSS = 0.7, 0.3  # |cos(heading - line of sight)| above / below which a
 def match_offsets(pred_boxes, gt_boxes, max_dist=2.0):
     """EvalBoxes of DetectionBox -> {class: (n, 4) array of [radial, tangential, range, |cos(heading - line of
     sight)|]} for every ground-truth box matched by a detection of its class (devkit TP matching)."""
-    from nuscenes.eval.common.utils import quaternion_yaw
+    from nuscenes.eval.common.utils import center_distance, quaternion_yaw
     from pyquaternion import Quaternion
 
     rows = {}
     for token in gt_boxes.sample_tokens:
         gts = gt_boxes[token]
         taken = [False] * len(gts)
-        for pred in sorted(pred_boxes[token] if token in pred_boxes.sample_tokens else [],
-                           key=lambda b: -b.detection_score):
+        for pred in sorted(pred_boxes[token], key=lambda b: -b.detection_score):  # [] for a sample without any
             best, best_dist = None, max_dist
             for i, gt in enumerate(gts):
                 if taken[i] or gt.detection_name != pred.detection_name:
                     continue
-                dist = math.dist(pred.translation[:2], gt.translation[:2])
+                dist = center_distance(gt, pred)  # the devkit's matching distance
                 if dist < best_dist:
                     best, best_dist = i, dist
             if best is None:
