@@ -188,6 +188,8 @@ class TrainConfig:
     find_unused_parameters: bool = False  # DDP: set for models whose forward skips some parameters
     # streaming models (StreamPETR): each scene is cut into this many segments, each starting with a fresh memory
     stream_segments: int = 1
+    # and the streams are taken in this many groups in turn, so that consecutive steps show different scenes
+    stream_interleave: int = 1
     tensorboard: bool = True
 
 

@@ -124,6 +124,27 @@ def test_memory_resets_at_a_scene_boundary(tiny):
     assert torch.equal(restarted.logits, fresh.logits)
 
 
+def test_interleaved_streams_keep_their_own_memories(tiny):
+    """With memory_groups 2, frames of two scenes taken in turn give each scene's outputs alone (its memory waits
+    while the other scene steps); with 1, the other scene's step drops it."""
+    _, model, dataset, scenes = tiny
+    a, b = scenes[0][:3], scenes[1][:3]
+    alone = {}
+    for scene in (a, b):
+        model.reset_memory()
+        for i in scene:
+            alone[i] = _run(model, dataset, [i])
+    for groups in (2, 1):
+        model.memory_groups = groups
+        model.reset_memory()
+        for i, j in zip(a, b):
+            for k in (i, j):
+                out = _run(model, dataset, [k])
+                same = torch.equal(out.logits, alone[k].logits) and torch.equal(out.boxes, alone[k].boxes)
+                assert same == (groups == 2 or k in (a[0], b[0])), (groups, k)
+    model.memory_groups = 1
+
+
 def test_export_hook_carries_the_memory_as_tensors(tiny):
     """export_memory / export_step over a scene (the ONNX graph's form) equal the stateful model."""
     _, model, dataset, scenes = tiny
@@ -230,6 +251,25 @@ def test_streaming_sampler_gives_whole_scenes_resumes_and_splits_ranks():
         r.set_epoch(1)
     assert [a + b for a, b in zip(*ranks)] == steps
     assert split_segments([list(range(5))], 2) == [[0, 1, 2], [3, 4]]
+    # interleaved: one row takes the two streams in turn, frame by frame
+    turns = StreamingBatchSampler(scenes, batch_size=1, seed=3, interleave=2)
+    turns.set_epoch(1)
+    assert list(turns) == [[pair] for step in steps for pair in step] and len(turns) == 16
+    turns.set_epoch(1, skip=5)
+    assert list(turns) == [[pair] for step in steps for pair in step][5:]
+
+
+def test_streaming_sampler_refuses_bad_interleave_values(synth_root):
+    from bev3d.engine.train import streaming_sampler
+    from bev3d.errors import Bev3dError
+
+    cfg = load_config("streampetr_tiny_synth", [f"data.root={synth_root}", *SMALL])
+    train = build_dataset(cfg, "train")
+    for value, message in ((0, "train.stream_interleave must be >= 1"), (8, "too few for 16 streams")):
+        cfg = load_config("streampetr_tiny_synth", [f"data.root={synth_root}", *SMALL,
+                                                    f"train.stream_interleave={value}"])
+        with pytest.raises(Bev3dError, match=message):
+            streaming_sampler(cfg, train, 1, 0)
 
 
 class _Interrupting(torch.utils.data.Dataset):
@@ -268,15 +308,17 @@ def _trainer(cfg, interrupt_at=None):
     return Trainer(cfg, model, build_criterion(cfg), train_set, collate)
 
 
-def test_mid_epoch_resume_continues_the_streams(synth_root, tmp_path):
-    opts = [f"data.root={synth_root}", *SMALL, "train.max_epochs=2", "train.log_interval=1", "train.warmup_iters=2"]
+@pytest.mark.parametrize("interleave", [1, 2])
+def test_mid_epoch_resume_continues_the_streams(synth_root, tmp_path, interleave):
+    opts = [f"data.root={synth_root}", *SMALL, "train.max_epochs=2", "train.log_interval=1", "train.warmup_iters=2",
+            "train.stream_segments=1", f"train.stream_interleave={interleave}"]  # scenes of 4 frames: memory used
     straight = _trainer(load_config("streampetr_tiny_synth", opts + [f"work_dir={tmp_path / 'a'}"]))
     straight.fit()
     cfg = load_config("streampetr_tiny_synth", opts + [f"work_dir={tmp_path / 'b'}"])
     with pytest.raises(KeyboardInterrupt):
         _trainer(cfg, interrupt_at=5).fit()  # SIGINT while loading step 3's batch -> stops after step 3
     state = load_checkpoint(tmp_path / "b" / "latest.pth")
-    assert state["iter_in_epoch"] == 3 and state["stream_memory"][0] is not None
+    assert state["iter_in_epoch"] == 3 and len(state["stream_memory"][0]["tokens"]) == 2 * interleave
     resumed = _trainer(cfg)
     resumed.fit(resume="latest")
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
@@ -293,8 +335,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-# batch-independent training: no denoising noise, frozen BatchNorm statistics
-DDP_OPTS = ["train.max_iters=3", "train.log_interval=1", "model.denoising.groups=0", "model.backbone.norm_eval=true"]
+# batch-independent training: no denoising noise, frozen BatchNorm statistics; the 4-frame scenes in 4 streams of
+# 2 frames, taken in 2 groups: step 3 continues step 1's memory
+DDP_OPTS = ["train.max_iters=3", "train.log_interval=1", "model.denoising.groups=0", "model.backbone.norm_eval=true",
+            "train.stream_segments=1", "train.stream_interleave=2"]
 
 
 def _ddp_worker(rank, world_size, port, work_dir, root, batch_size):

@@ -109,6 +109,7 @@ class Trainer:
         self.streaming = getattr(model, "streaming", False)
         if self.streaming:
             self.sampler = streaming_sampler(cfg, train_set, self.world_size, self.rank)
+            self.model.memory_groups = self.sampler.interleave  # each group of streams keeps its memory
             self.steps_per_epoch = self.sampler.steps // tc.accumulate
         else:
             self.sampler = ResumableSampler(train_set, self.world_size, self.rank, tc.seed)
@@ -355,15 +356,18 @@ def streaming_sampler(cfg, train_set, world_size, rank):
     """The StreamingBatchSampler of a streaming model: train.stream_segments segments per scene."""
     from bev3d.data.streaming import StreamingBatchSampler, scene_sequences, split_segments
 
-    segments = cfg.train.stream_segments
+    segments, interleave = cfg.train.stream_segments, cfg.train.stream_interleave
     if segments < 1:
         raise Bev3dError(f"train.stream_segments must be >= 1 (segments per scene), got {segments}.")
+    if interleave < 1:
+        raise Bev3dError(f"train.stream_interleave must be >= 1 (groups of streams taken in turn), got {interleave}.")
     sampler = StreamingBatchSampler(split_segments(scene_sequences(train_set), segments), cfg.data.batch_size,
-                                    world_size, rank, cfg.train.seed)
+                                    world_size, rank, cfg.train.seed, interleave=interleave)
     if sampler.steps < cfg.train.accumulate:
         raise Bev3dError(f"The training split has {len(train_set)} samples: too few for {sampler.num_streams} "
-                         f"streams (data.batch_size={cfg.data.batch_size} x {world_size} processes) x "
-                         f"train.accumulate={cfg.train.accumulate}. Lower data.batch_size or train.accumulate.")
+                         f"streams (train.stream_interleave={interleave} x data.batch_size={cfg.data.batch_size} x "
+                         f"{world_size} processes) x train.accumulate={cfg.train.accumulate}. Lower "
+                         f"train.stream_interleave, data.batch_size or train.accumulate.")
     return sampler
 
 

@@ -11,8 +11,8 @@ sine.
 
 The model holds the memory between calls (`StreamingDetector.memory`, `reset_memory()`); `step` is the pure
 form `(batch, targets, memory, prev_exists) -> (SetPredictions, memory)`, `export_step` the same on named
-tensors. A sample's memory is kept only where the batch continues it: its `prev_token` is the sample the memory
-last saw, and `prev_exists` (set by the streaming loaders at scene and segment starts) is not False.
+tensors. The memory's rows are kept under the samples they were recorded at: a batch row continues the row of its
+`prev_token` unless `prev_exists` (set by the streaming loaders at scene and segment starts) is False.
 """
 
 import torch
@@ -259,12 +259,14 @@ class StreamingDetector(detector.MultiViewDetector):
     def __init__(self, backbone, neck, head, denoising=None):
         super().__init__(backbone, neck, head, denoising)
         self.memory, self.memory_tokens = None, None
+        # the memory keeps the rows of this many latest calls: K for streams interleaved in K groups of batches
+        self.memory_groups = 1
 
     def reset_memory(self):
         self.memory, self.memory_tokens = None, None
 
     def memory_state(self):
-        """The memory as CPU tensors and the sample tokens it belongs to (for checkpoints), or None."""
+        """The memory as CPU tensors and the sample tokens of its rows (for checkpoints), or None."""
         if self.memory is None:
             return None
         return {"memory": {k: v.cpu() for k, v in self.memory.to_dict().items()}, "tokens": list(self.memory_tokens)}
@@ -281,16 +283,32 @@ class StreamingDetector(detector.MultiViewDetector):
             if key not in batch:
                 raise Bev3dError(f"The StreamPETR batch needs {key!r} (bev3d.data.collate of the nuScenes pipeline "
                                  f"gives it): build the batch with bev3d.data.")
-        img = batch["img"]
-        memory, prev_exists = self.memory, None
-        if memory is not None and memory.batch_size == img.shape[0]:
-            prev_exists = torch.tensor([p == t for p, t in zip(batch["prev_token"], self.memory_tokens)],
-                                       device=img.device)
-            if "prev_exists" in batch:
-                prev_exists &= torch.as_tensor(batch["prev_exists"], dtype=torch.bool, device=img.device)
-        outputs, self.memory = self.step(batch, targets, memory if prev_exists is not None else None, prev_exists)
-        self.memory_tokens = list(batch["sample_token"])
+        B = batch["img"].shape[0]
+        allowed = batch.get("prev_exists", [True] * B)
+        tokens = self.memory_tokens or []
+        # the memory row of each batch row: the one recorded at its previous sample (-1: none, a fresh memory)
+        rows = [len(tokens) - 1 - tokens[::-1].index(p) if bool(ok) and p in tokens else -1
+                for p, ok in zip(batch["prev_token"], allowed)]
+        memory = prev_exists = None
+        if max(rows) >= 0:
+            device = batch["img"].device
+            index = torch.tensor([max(r, 0) for r in rows], device=device)
+            memory = StreamMemory(**{k: v[index] for k, v in self.memory.to_dict().items()})
+            prev_exists = torch.tensor([r >= 0 for r in rows], device=device)
+        outputs, new = self.step(batch, targets, memory, prev_exists)
+        self.remember_rows(new, list(batch["sample_token"]), {r for r in rows if r >= 0})
         return outputs
+
+    def remember_rows(self, new, tokens, used):
+        """This call's rows after the earlier rows not just continued; the rows of the latest memory_groups calls
+        are kept (with interleaved streams the other groups' memories wait there for their next step)."""
+        keep = [r for r in range(len(self.memory_tokens or [])) if r not in used]
+        if keep and self.memory_groups > 1:
+            keep = keep[-(self.memory_groups - 1) * len(tokens):]
+            new = StreamMemory(**{k: torch.cat([v[keep], n], 0) for (k, v), n in
+                                  zip(self.memory.to_dict().items(), new.to_dict().values())})
+            tokens = [self.memory_tokens[r] for r in keep] + tokens
+        self.memory, self.memory_tokens = new, tokens
 
     def export_memory(self, batch):
         """The memory before a scene's first frame, as named tensors (bev3d.models.export): feeding it again is the
