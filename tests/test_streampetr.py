@@ -134,15 +134,17 @@ def test_interleaved_streams_keep_their_own_memories(tiny):
         model.reset_memory()
         for i in scene:
             alone[i] = _run(model, dataset, [i])
-    for groups in (2, 1):
-        model.memory_groups = groups
-        model.reset_memory()
-        for i, j in zip(a, b):
-            for k in (i, j):
-                out = _run(model, dataset, [k])
-                same = torch.equal(out.logits, alone[k].logits) and torch.equal(out.boxes, alone[k].boxes)
-                assert same == (groups == 2 or k in (a[0], b[0])), (groups, k)
-    model.memory_groups = 1
+    try:
+        for groups in (2, 1):
+            model.memory_groups = groups
+            model.reset_memory()
+            for i, j in zip(a, b):
+                for k in (i, j):
+                    out = _run(model, dataset, [k])
+                    same = torch.equal(out.logits, alone[k].logits) and torch.equal(out.boxes, alone[k].boxes)
+                    assert same == (groups == 2 or k in (a[0], b[0])), (groups, k)
+    finally:  # the module's other tests share the model
+        model.memory_groups = 1
 
 
 def test_export_hook_carries_the_memory_as_tensors(tiny):
