@@ -284,11 +284,10 @@ class StreamingDetector(detector.MultiViewDetector):
                 raise Bev3dError(f"The StreamPETR batch needs {key!r} (bev3d.data.collate of the nuScenes pipeline "
                                  f"gives it): build the batch with bev3d.data.")
         B = batch["img"].shape[0]
-        allowed = batch.get("prev_exists", [True] * B)
-        tokens = self.memory_tokens or []
+        allowed = torch.as_tensor(batch.get("prev_exists", [True] * B), dtype=torch.bool).tolist()
+        recorded = {t: r for r, t in enumerate(self.memory_tokens or [])}  # the newest row of a token wins
         # the memory row of each batch row: the one recorded at its previous sample (-1: none, a fresh memory)
-        rows = [len(tokens) - 1 - tokens[::-1].index(p) if bool(ok) and p in tokens else -1
-                for p, ok in zip(batch["prev_token"], allowed)]
+        rows = [recorded.get(p, -1) if ok else -1 for p, ok in zip(batch["prev_token"], allowed)]
         memory = prev_exists = None
         if max(rows) >= 0:
             device = batch["img"].device
@@ -305,8 +304,8 @@ class StreamingDetector(detector.MultiViewDetector):
         keep = [r for r in range(len(self.memory_tokens or [])) if r not in used]
         if keep and self.memory_groups > 1:
             keep = keep[-(self.memory_groups - 1) * len(tokens):]
-            new = StreamMemory(**{k: torch.cat([v[keep], n], 0) for (k, v), n in
-                                  zip(self.memory.to_dict().items(), new.to_dict().values())})
+            old, new = self.memory.to_dict(), new.to_dict()
+            new = StreamMemory(**{k: torch.cat([old[k][keep], v], 0) for k, v in new.items()})
             tokens = [self.memory_tokens[r] for r in keep] + tokens
         self.memory, self.memory_tokens = new, tokens
 
